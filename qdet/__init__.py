@@ -1,0 +1,11 @@
+"""qdet: query-based object detectors (DETR family) in one small package.
+
+>>> import qdet
+>>> model = qdet.load("detr-r50-e632da11.pth")      # qdet or official release checkpoint
+>>> outputs = model(images)                          # pred_logits, pred_boxes, aux_outputs
+"""
+from .checkpoint import load
+from .registry import ARCHS, build_model
+
+__version__ = "0.1.0"
+__all__ = ["ARCHS", "build_model", "load"]

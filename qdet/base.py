@@ -1,0 +1,127 @@
+"""The model contract every qdet detector follows, and the few layers all of them use.
+
+Every model subclasses :class:`Detector`. Its ``forward`` takes a normalized float tensor
+``[B,3,H,W]`` or a list of ``[3,H,W]`` tensors of different sizes, and returns a dict:
+
+- ``pred_logits`` ``[B,Q,C+1]`` (softmax models, last class = no object) or ``[B,Q,C]``
+  (sigmoid focal models),
+- ``pred_boxes`` ``[B,Q,4]``, normalized (cx, cy, w, h) relative to each image's own size
+  (padding excluded),
+- ``aux_outputs``: a list of such dicts, one per earlier decoder layer, when enabled,
+- ``enc_outputs``: one such dict for a supervised encoder (two-stage models), when present.
+
+Generic code (matcher, criterion, post-processing, engine, match-debug) relies only on this
+contract and on ``model.config.loss``; it never special-cases a method.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+
+class Detector(nn.Module):
+    """Base class: holds the config and the label metadata that a checkpoint carries."""
+
+    arch: str = ""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # label i of the model <-> dataset category id / name (set by training or loading)
+        self.category_ids: list[int] = list(range(config.num_classes))
+        self.class_names: list[str] = [str(i) for i in range(config.num_classes)]
+        # inference resize (shorter side, longer-side cap); official models: 800 / 1333
+        self.preprocess: dict = {"size": 800, "max_size": 1333}
+
+    @property
+    def focal(self) -> bool:
+        return self.config.loss.focal
+
+    def compile_transformer(self) -> None:
+        """torch.compile the transformer in place (parameter names are unchanged)."""
+        self.transformer.compile()
+
+
+def batch_images(images: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Pad images to one tensor and return ``(x [B,3,H,W], mask [B,H,W])``.
+
+    ``mask`` is True on padded pixels. Images are padded at the bottom and right to the
+    largest height and width in the batch, as the official DETR code does.
+    """
+    if isinstance(images, Tensor):
+        if images.dim() == 3:
+            images = images[None]
+        if images.dim() != 4:
+            raise ValueError(f"expected images [B,3,H,W], got shape {tuple(images.shape)}")
+        b, _, h, w = images.shape
+        return images, torch.zeros(b, h, w, dtype=torch.bool, device=images.device)
+    if len(images) == 0:
+        raise ValueError("expected at least one image")
+    h = max(int(im.shape[-2]) for im in images)
+    w = max(int(im.shape[-1]) for im in images)
+    first = images[0]
+    x = first.new_zeros(len(images), first.shape[0], h, w)
+    mask = torch.ones(len(images), h, w, dtype=torch.bool, device=first.device)
+    for i, im in enumerate(images):
+        x[i, :, : im.shape[-2], : im.shape[-1]] = im
+        mask[i, : im.shape[-2], : im.shape[-1]] = False
+    return x, mask
+
+
+def resize_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
+    """Nearest-neighbour resize of a padding mask ``[B,H,W]`` to a feature map size."""
+    return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+
+
+class MLP(nn.Module):
+    """A few linear layers with ReLU between them (DETR's box head, and many others)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """logit(x), clamped so that 0 and 1 stay finite (as the official repositories do)."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def aux_list(logits: Tensor, boxes: Tensor) -> list[dict[str, Tensor]]:
+    """Per-layer outputs ``[L,B,Q,*]`` -> the ``aux_outputs`` list (all but the last layer)."""
+    return [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+
+
+@torch.no_grad()
+def postprocess(outputs: dict, sizes: Tensor, focal: bool, topk: int = 100) -> list[dict]:
+    """Model outputs -> per image ``scores [K]``, ``labels [K]``, ``boxes [K,4]``.
+
+    Boxes are absolute (x0, y0, x1, y1) in the frame given by ``sizes [B,2]`` as (h, w),
+    usually the original image size. Softmax models give every query its best real class;
+    focal models keep the ``topk`` best (query, class) pairs, as their papers do.
+    """
+    logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+    if focal:
+        prob = logits.sigmoid()
+        b, q, c = prob.shape
+        scores, idx = prob.flatten(1).topk(min(topk, q * c), dim=1)
+        labels = idx % c
+        boxes = torch.gather(boxes, 1, (idx // c)[..., None].expand(-1, -1, 4))
+    else:
+        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+    h, w = sizes.to(boxes).unbind(1)
+    boxes = box_convert(boxes, "cxcywh", "xyxy") * torch.stack([w, h, w, h], 1)[:, None]
+    return [{"scores": s, "labels": l, "boxes": x} for s, l, x in zip(scores, labels, boxes)]

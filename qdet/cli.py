@@ -1,0 +1,271 @@
+"""The ``qdet`` command line: thin Typer commands over the Python API."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .registry import ARCHS
+
+app = typer.Typer(
+    help="qdet: query-based object detectors (DETR family). Train on the built-in shapes "
+         "data or COCO-format JSON, evaluate with COCO AP, predict on images.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Built-in datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1):
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def parse_sets(items: list[str] | None) -> tuple[dict, dict]:
+    """``--set key=value``: keys of the training config (``lr``, ``augment.crop``) go to
+    training, every other key to the model config (``d_model``, ``loss.focal``)."""
+    from dataclasses import fields
+
+    from .engine import TrainConfig
+
+    train_keys = {f.name for f in fields(TrainConfig)}
+    model, train = {}, {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--set expects KEY=VALUE, got {item!r}")
+        (train if key.split(".")[0] in train_keys else model)[key.strip()] = value.strip()
+    return model, train
+
+
+def pick_device(device: Optional[str]) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def find_weights(weights: Optional[Path]) -> Path:
+    from .engine import latest_run
+
+    if weights is not None:
+        if not weights.is_file():
+            fail(f"weights file {weights} not found")
+        return weights
+    run = latest_run()
+    if run is None or not (run / "best.pt").is_file():
+        fail("no --weights given and no run found under ./runs: train one with "
+             "`qdet train` or pass --weights FILE")
+    err.print(f"using {run / 'best.pt'} (best checkpoint of the most recent run)")
+    return run / "best.pt"
+
+
+def load_model(weights: Path, device: str):
+    from .checkpoint import CheckpointError, load
+
+    try:
+        return load(weights, device=device)
+    except (CheckpointError, ValueError) as e:
+        fail(str(e))
+
+
+Arch = Annotated[str, typer.Option("--arch", "-a",
+                                   help=f"Architecture: {', '.join(ARCHS)}.")]
+Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N; default: CUDA when "
+                                               "available, else CPU.")]
+
+
+@app.command()
+def train(
+    arch: Arch = "detr",
+    data: Annotated[Optional[Path], typer.Option(help="COCO-format training annotations "
+                                                 "(JSON). Default: the built-in shapes data.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of the training images.")] = None,
+    val_data: Annotated[Optional[Path], typer.Option(help="COCO-format validation JSON.")] = None,
+    val_images: Annotated[Optional[Path], typer.Option(help="Folder of the validation "
+                                                       "images.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Number of epochs (preset default "
+                                                  "if unset).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per step and process.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate of the transformer.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/ARCH-TIME); "
+                                                "with --resume, the run to continue.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue a run (--out, else the most recent) "
+                                         "exactly where its last.pt left off.")] = False,
+    device: Device = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="'shapes' (small, from scratch) or "
+                                                  "'paper' (the paper's recipe); default: "
+                                                  "shapes without --data, paper with.")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the "
+                                          "transformer.")] = False,
+    backbone_weights: Annotated[Optional[Path], typer.Option(
+        help="Local torchvision ResNet state dict to start the backbone from.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override any model or training option, KEY=VALUE (repeatable), e.g. "
+                      "--set d_model=128 --set loss.focal=true --set augment.crop=false.")] = None,
+):
+    """Train a detector. With no data options: the built-in shapes data, small preset
+    (about 10 minutes on a 2-core CPU). Multi-process: torchrun --nproc_per_node N -m qdet
+    train ..."""
+    from .data import DataError
+    from .engine import fit
+
+    model_o, train_o = parse_sets(set_)
+    for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
+                       ("num_workers", workers), ("seed", seed)):
+        if value is not None:
+            train_o[key] = value
+    if compile:
+        train_o["compile"] = True
+    if preset not in (None, "shapes", "paper"):
+        fail(f"--preset must be 'shapes' or 'paper', got {preset!r}")
+    try:
+        result = fit(arch, data and str(data), images and str(images),
+                     val_data and str(val_data), val_images and str(val_images),
+                     out and str(out), resume, pick_device(device), preset, model_o, train_o,
+                     backbone_weights and str(backbone_weights))
+    except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+        fail(str(e))
+    console.print(f"run saved in {result['out']} (best.pt, last.pt, metrics.jsonl)")
+
+
+@app.command("eval")
+def eval_(
+    weights: Annotated[Path, typer.Argument(help="Checkpoint (qdet or official release).")],
+    data: Annotated[Optional[Path], typer.Option(help="COCO-format annotations (JSON). "
+                                                 "Default: the data the model trained on, "
+                                                 "if built in.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of the images.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 4,
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 2,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the COCO results "
+                                                "JSON.")] = None,
+    device: Device = None,
+):
+    """COCO bbox metrics (AP, AP50, AP75, APs/m/l, AR@100) of a checkpoint on a dataset."""
+    from .checkpoint import read_checkpoint
+    from .data import AugmentConfig, CocoDataset, DataError, ShapesDataset
+    from .engine import coco_stats, predict_dataset, stats_table
+    from .shapes import ShapesConfig
+
+    if not weights.is_file():
+        fail(f"weights file {weights} not found")
+    model = load_model(weights, pick_device(device))
+    aug = AugmentConfig(eval_size=model.preprocess["size"], max_size=model.preprocess["max_size"])
+    try:
+        if data is not None:
+            if images is None:
+                fail("--data needs --images (the folder its file_name fields are in)")
+            dataset = CocoDataset(data, images, aug, train=False)
+        else:
+            ckpt = read_checkpoint(weights)
+            if ckpt.get("data", {}).get("kind") != "shapes":
+                fail("this checkpoint was not trained on built-in data: pass --data ANN.json "
+                     "--images DIR")
+            shapes_cfg = ShapesConfig(**ckpt["train"]["shapes"])
+            dataset = ShapesDataset("val", shapes_cfg, aug, train=False)
+    except DataError as e:
+        fail(str(e))
+    results = predict_dataset(model, dataset, next(model.parameters()).device, batch_size,
+                              workers)
+    stats = coco_stats(dataset, results)
+    console.print(stats_table(stats, f"{weights.name}: COCO bbox ({len(dataset)} images)"))
+    out = out or weights.with_name(weights.stem + "_results.json")
+    out.write_text(json.dumps(results))
+    console.print(f"{len(results)} detections written to {out}")
+
+
+@app.command()
+def predict(
+    image: Annotated[list[Path], typer.Argument(help="Image file(s).")],
+    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint; default: best.pt of "
+                                                    "the most recent run under ./runs.")] = None,
+    threshold: Annotated[float, typer.Option(help="Minimum score to report.")] = 0.5,
+    out: Annotated[Path, typer.Option(help="Folder for the drawn images and "
+                                      "predictions.json.")] = Path("predictions"),
+    device: Device = None,
+):
+    """Detect objects in images: draws boxes, prints a table, writes JSON."""
+    from .data import DataError, load_image
+    from .predict import draw_detections, predict_files
+
+    for p in image:
+        if not p.is_file():
+            fail(f"image {p} not found")
+    model = load_model(find_weights(weights), pick_device(device))
+    try:
+        results = predict_files(model, image, threshold)
+    except DataError as e:
+        fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    table = Table(title=f"detections (score >= {threshold})")
+    for col in ("image", "class", "score", "box (x0, y0, x1, y1)"):
+        table.add_column(col)
+    for r in results:
+        path = Path(r["image"])
+        draw_detections(load_image(path), r["detections"]).save(out / f"{path.stem}_pred.png")
+        for d in r["detections"]:
+            table.add_row(path.name, d["name"], f"{d['score']:.3f}",
+                          ", ".join(f"{v:.1f}" for v in d["box"]))
+        if not r["detections"]:
+            table.add_row(path.name, "-", "-", "-")
+    console.print(table)
+    (out / "predictions.json").write_text(json.dumps(results, indent=1))
+    console.print(f"drawn images and predictions.json in {out}/")
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Annotated[Path, typer.Argument(help="Folder to write train/val JSON and images to.")],
+    image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    train_images: Annotated[int, typer.Option(help="Training images.")] = 4000,
+    val_images: Annotated[int, typer.Option(help="Validation images.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
+):
+    """Write the built-in shapes data as COCO JSON + PNG images (to see the format)."""
+    from rich.progress import Progress
+
+    from .shapes import ShapesConfig, write_coco
+
+    cfg = ShapesConfig(image_size=image_size, train_images=train_images,
+                       val_images=val_images, seed=seed)
+    with Progress(console=console) as bar:
+        task = bar.add_task("writing", total=train_images + val_images)
+        written = write_coco(cfg, out, progress=lambda: bar.advance(task))
+    for split, ann in written.items():
+        console.print(f"{split}: {ann} + {out / split}/")
+    console.print(f"train on it: qdet train --data {written['train']} --images {out / 'train'} "
+                  f"--val-data {written['val']} --val-images {out / 'val'}")
+
+
+@app.command()
+def archs():
+    """List the registered architectures."""
+    from .registry import arch_module
+
+    table = Table(title="architectures")
+    table.add_column("--arch")
+    table.add_column("paper")
+    for name in ARCHS:
+        doc = (arch_module(name).__doc__ or "").strip().splitlines()[0]
+        table.add_row(name, doc)
+    console.print(table)
+
+
+def main():
+    app(prog_name="qdet")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Inference on image files and drawing of detections (used by ``qdet predict``)."""
+from __future__ import annotations
+
+import colorsys
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.v2 import functional as TF
+
+from .base import Detector, postprocess
+from .data import IMAGENET_MEAN, IMAGENET_STD, detr_resize_shape, load_image
+
+
+def preprocess(img: Image.Image, size: int, max_size: int | None) -> torch.Tensor:
+    """Resize as the evaluation transform (shorter side ``size``, longer at most
+    ``max_size``) and normalize with ImageNet mean/std."""
+    oh, ow = detr_resize_shape(img.height, img.width, size, max_size)
+    if (oh, ow) != (img.height, img.width):
+        img = TF.resize(img, [oh, ow])
+    x = TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
+    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
+@torch.no_grad()
+def detect(model: Detector, images: list[Image.Image], threshold: float = 0.5,
+           batch_size: int = 4) -> list[list[dict]]:
+    """Detections above ``threshold`` for PIL images, in their own pixel coordinates."""
+    device = next(model.parameters()).device
+    size, max_size = model.preprocess["size"], model.preprocess["max_size"]
+    results = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        xs = [preprocess(im, size, max_size).to(device) for im in chunk]
+        sizes = torch.tensor([[im.height, im.width] for im in chunk], device=device)
+        for det in postprocess(model(xs), sizes, model.focal):
+            keep = det["scores"] >= threshold
+            order = det["scores"][keep].argsort(descending=True)
+            results.append([
+                {"label": int(lab), "name": model.class_names[lab],
+                 "category_id": int(model.category_ids[lab]), "score": float(s),
+                 "box": [round(float(v), 2) for v in box]}
+                for s, lab, box in zip(det["scores"][keep][order], det["labels"][keep][order],
+                                       det["boxes"][keep][order])])
+    return results
+
+
+def predict_files(model: Detector, paths: list[Path], threshold: float = 0.5) -> list[dict]:
+    """Run the model on image files; one dict per image with its detections."""
+    out = []
+    for path in paths:
+        img = load_image(Path(path))
+        dets = detect(model, [img], threshold)[0]
+        out.append({"image": str(path), "width": img.width, "height": img.height,
+                    "detections": dets})
+    return out
+
+
+def colour(i: int) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def font_for(img: Image.Image):
+    size = max(10, min(img.width, img.height) // 40)
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def draw_box(draw: ImageDraw.ImageDraw, box, text: str, col, font, width: int = 2) -> None:
+    x0, y0, x1, y1 = box
+    draw.rectangle([x0, y0, x1, y1], outline=col, width=width)
+    if text:
+        tb = draw.textbbox((x0, y0), text, font=font)
+        th = tb[3] - tb[1]
+        ty = y0 - th - 4 if y0 - th - 4 >= 0 else y0
+        tb = draw.textbbox((x0 + 2, ty + 1), text, font=font)
+        draw.rectangle([tb[0] - 2, tb[1] - 1, tb[2] + 2, tb[3] + 1], fill=col)
+        draw.text((x0 + 2, ty + 1), text, fill=(0, 0, 0), font=font)
+
+
+def draw_detections(img: Image.Image, detections: list[dict]) -> Image.Image:
+    """A copy of ``img`` with each detection's box, name and score."""
+    img = img.convert("RGB").copy()
+    draw, font = ImageDraw.Draw(img), font_for(img)
+    width = max(2, min(img.width, img.height) // 200)
+    for d in detections:
+        draw_box(draw, d["box"], f"{d['name']} {d['score']:.2f}", colour(d["label"]), font, width)
+    return img

@@ -1,0 +1,27 @@
+"""Shared test helpers: tiny configs so the whole suite stays fast on a 2-core CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Per architecture: overrides that make a model small enough for CPU tests.
+# A new architecture needs an entry here; tests parametrized over the registry use it.
+TINY = {
+    "detr": dict(backbone="resnet18", d_model=32, nheads=4, enc_layers=1, dec_layers=2,
+                 dim_feedforward=64, num_queries=6, dropout=0.0, num_classes=5),
+}
+
+# The built-in data, small: few tiny images.
+TINY_SHAPES = ["--set", "shapes.train_images=16", "--set", "shapes.val_images=4",
+               "--set", "shapes.image_size=64", "--batch-size", "4", "--workers", "0"]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+def random_images(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, h, w, generator=g) for h, w in sizes]

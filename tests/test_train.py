@@ -1,0 +1,158 @@
+"""Training: the loss falls, --resume continues exactly, the CLI works end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import qdet
+from qdet.cli import app
+from qdet.engine import fit
+
+from conftest import TINY, TINY_SHAPES
+
+TINY_TRAIN = {"batch_size": 4, "num_workers": 0, "shapes.train_images": 8,
+              "shapes.val_images": 4, "shapes.image_size": 64, "warmup_steps": 0}
+
+
+def test_loss_goes_down_on_a_few_images(tmp_path):
+    res = fit("detr", out=str(tmp_path / "run"), device="cpu",
+              model_overrides={k: v for k, v in TINY["detr"].items() if k != "num_classes"},
+              train_overrides={**TINY_TRAIN, "epochs": 15, "lr": 1e-3, "lr_backbone": 1e-3,
+                               "schedule": "step", "eval_every": 100})
+    lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert lines[-1]["loss"] < 0.75 * lines[0]["loss"], [round(l["loss"], 2) for l in lines]
+    assert res["metrics"]["epoch"] == 15 and "AP" in res["metrics"]
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    """A run that crashes during epoch 3 and is resumed ends exactly where an
+    uninterrupted run ends: same epoch-3 loss, same weights."""
+    common = dict(device="cpu", model_overrides={"d_model": 32, "enc_layers": 1,
+                                                 "dec_layers": 2, "dim_feedforward": 64,
+                                                 "num_queries": 6, "dropout": 0.1},
+                  train_overrides={**TINY_TRAIN, "epochs": 3, "eval_every": 100})
+    fit("detr", out=str(tmp_path / "straight"), **common)
+    import qdet.engine
+
+    real_seed = qdet.engine.seed_everything
+
+    def crash_in_epoch_3(seed):
+        if seed >= 42 + 2000:
+            raise KeyboardInterrupt
+        real_seed(seed)
+
+    monkeypatch.setattr(qdet.engine, "seed_everything", crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        fit("detr", out=str(tmp_path / "split"), **common)
+    monkeypatch.setattr(qdet.engine, "seed_everything", real_seed)
+    fit("detr", out=str(tmp_path / "split"), resume=True, device="cpu")
+    a = [json.loads(l) for l in open(tmp_path / "straight" / "metrics.jsonl")]
+    b = [json.loads(l) for l in open(tmp_path / "split" / "metrics.jsonl")]
+    assert [x["epoch"] for x in b] == [1, 2, 3]
+    assert b[2]["loss"] == pytest.approx(a[2]["loss"], rel=1e-6)
+    wa = qdet.load(tmp_path / "straight" / "last.pt").state_dict()
+    wb = qdet.load(tmp_path / "split" / "last.pt").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny run trained through the CLI, in its own working directory."""
+    cwd = tmp_path_factory.mktemp("cli")
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        args = ["train", "--epochs", "1", *TINY_SHAPES]
+        for k, v in TINY["detr"].items():
+            if k != "num_classes":
+                args += ["--set", f"{k}={v}"]
+        result = CliRunner().invoke(app, args)
+        yield cwd, result
+    finally:
+        os.chdir(old)
+
+
+def test_cli_train_writes_run(trained_run):
+    cwd, result = trained_run
+    assert result.exit_code == 0, result.output
+    runs = list((cwd / "runs").iterdir())
+    assert len(runs) == 1
+    assert {p.name for p in runs[0].iterdir()} >= {"best.pt", "last.pt", "metrics.jsonl",
+                                                  "config.json"}
+    line = json.loads((runs[0] / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss", "AP", "AP50", "lr", "epoch"} <= set(line)
+    assert "val COCO bbox" in result.output
+    model = qdet.load(runs[0] / "best.pt")
+    assert model.class_names == ["rectangle", "ellipse", "triangle", "cross", "star"]
+    assert model.preprocess == {"size": 64, "max_size": None}
+
+
+def test_cli_predict_uses_latest_run(trained_run, monkeypatch):
+    cwd, _ = trained_run
+    monkeypatch.chdir(cwd)
+    from qdet.shapes import ShapesConfig, render
+
+    render(ShapesConfig(image_size=64), "val", 0)[0].save(cwd / "photo.png")
+    result = CliRunner().invoke(app, ["predict", "photo.png", "--threshold", "0.0",
+                                      "--out", "preds"])
+    assert result.exit_code == 0, result.output
+    assert "best checkpoint of the most recent run" in result.output
+    preds = json.loads((cwd / "preds" / "predictions.json").read_text())
+    assert preds[0]["image"] == "photo.png" and len(preds[0]["detections"]) == 6
+    assert (cwd / "preds" / "photo_pred.png").is_file()
+
+
+def test_cli_eval_on_builtin_val(trained_run, monkeypatch):
+    cwd, _ = trained_run
+    monkeypatch.chdir(cwd)
+    best = next((cwd / "runs").iterdir()) / "best.pt"
+    result = CliRunner().invoke(app, ["eval", str(best), "--workers", "0",
+                                      "--out", "res.json"])
+    assert result.exit_code == 0, result.output
+    assert "AP50" in result.output
+    res = json.loads((cwd / "res.json").read_text())
+    assert res and {"image_id", "category_id", "bbox", "score"} == set(res[0])
+    assert {r["category_id"] for r in res} <= {1, 2, 3, 4, 5}
+
+
+def test_cli_resume_of_finished_run_says_what_to_do(trained_run, monkeypatch):
+    cwd, _ = trained_run
+    monkeypatch.chdir(cwd)
+    result = CliRunner().invoke(app, ["train", "--resume"])
+    assert result.exit_code == 1 and "pass a larger --epochs" in result.output
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(app, ["predict", "missing.jpg"])
+    assert r.exit_code == 1 and "image missing.jpg not found" in r.output
+    (tmp_path / "x.png").write_bytes(b"")
+    r = runner.invoke(app, ["predict", "x.png"])
+    assert r.exit_code == 1 and "no --weights given and no run found" in r.output
+    r = runner.invoke(app, ["train", "--data", "nope.json", "--images", "."])
+    assert r.exit_code == 1 and "annotation file nope.json not found" in r.output
+    r = runner.invoke(app, ["train", "--arch", "yolo"])
+    assert r.exit_code == 1 and "unknown architecture 'yolo'" in r.output
+    r = runner.invoke(app, ["train", "--set", "d_model"])
+    assert r.exit_code == 1 and "KEY=VALUE" in r.output
+
+
+def test_cli_data_shapes_writes_coco(tmp_path):
+    r = CliRunner().invoke(app, ["data", "shapes", str(tmp_path / "d"), "--train-images", "3",
+                                 "--val-images", "2", "--image-size", "48"])
+    assert r.exit_code == 0, r.output
+    val = json.loads((tmp_path / "d" / "val.json").read_text())
+    assert len(val["images"]) == 2 and len(list((tmp_path / "d" / "val").glob("*.png"))) == 2
+    assert [c["name"] for c in val["categories"]][:2] == ["rectangle", "ellipse"]
+
+
+def test_python_dash_m_runs_the_same_app():
+    out = subprocess.run([sys.executable, "-m", "qdet", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "train" in out and "predict" in out and "eval" in out
