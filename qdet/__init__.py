@@ -5,7 +5,8 @@
 >>> outputs = model(images)                          # pred_logits, pred_boxes, aux_outputs
 """
 from .checkpoint import load
+from .deform_attn import ms_deform_attn
 from .registry import ARCHS, build_model
 
 __version__ = "0.1.0"
-__all__ = ["ARCHS", "build_model", "load"]
+__all__ = ["ARCHS", "build_model", "load", "ms_deform_attn"]

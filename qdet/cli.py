@@ -18,6 +18,9 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Built-in datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+bench_app = typer.Typer(help="Benchmarks: times and peak memory, as ratios against a "
+                             "baseline measured in the same run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 console = Console()
 err = Console(stderr=True)
 
@@ -247,6 +250,37 @@ def data_shapes(
         console.print(f"{split}: {ann} + {out / split}/")
     console.print(f"train on it: qdet train --data {written['train']} --images {out / 'train'} "
                   f"--val-data {written['val']} --val-images {out / 'val'}")
+
+
+@bench_app.command("deform-attn")
+def bench_deform_attn_cmd(
+    device: Device = None,
+    repeat: Annotated[int, typer.Option(help="Timed runs per measurement (median).")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+):
+    """Multi-scale deformable attention: each backend against the torch reference at
+    Deformable DETR's encoder (queries = all pixels) and decoder (300 queries) shapes."""
+    from .bench import bench_deform_attn, ensure_fixed_mmap_threshold, machine_description
+
+    ensure_fixed_mmap_threshold()
+    device = pick_device(device)
+    rows = bench_deform_attn(device, repeat)
+    if as_json:
+        console.print_json(json.dumps({"machine": machine_description(device), "rows": rows}))
+        return
+    table = Table(title=f"ms_deform_attn on {machine_description(device)} (batch 2, 8 heads "
+                        "x 32, 4 levels from 100x150, 4 points, float32)")
+    for col in ("shape", "backend", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd x",
+                "fwd+bwd x", "memory x"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r['shape']} ({r['queries']} q)", r["backend"],
+                      f"{r['forward_s'] * 1e3:.1f}", f"{r['forward_backward_s'] * 1e3:.1f}",
+                      f"{r['forward_backward_peak_mib']:.0f}", f"{r['forward_speedup']:.2f}",
+                      f"{r['forward_backward_speedup']:.2f}", f"{r['memory_ratio']:.3f}")
+    console.print(table)
+    console.print("x: speed-up over the torch reference (higher is better); memory x: peak "
+                  "memory of forward+backward relative to it (lower is better)")
 
 
 @app.command()

@@ -1,0 +1,134 @@
+"""Benchmarks (``qdet bench ...``): timings and peak memory as ratios against a baseline
+measured in the same run. Not tests: numbers depend on the machine."""
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+# Deformable DETR's encoder at an 800x1200 input: strides 8..64, batch 2, 8 heads x 32.
+ENCODER_LEVELS = [(100, 150), (50, 75), (25, 38), (13, 19)]
+
+
+def _proc_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Extra memory at the peak of ``fn()``: CUDA allocator peak on a GPU; on the CPU the
+    process's resident high-water mark (reset through /proc/self/clear_refs) above the
+    resident size before the call. Large CPU allocations are returned to the OS on free only
+    with a fixed mmap threshold, which ``qdet bench`` sets (MALLOC_MMAP_THRESHOLD_)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    base = _proc_kib("VmRSS")
+    fn()
+    return (_proc_kib("VmHWM") - base) / 1024
+
+
+def time_it(fn: Callable[[], object], device: torch.device, repeat: int = 3,
+            warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` after ``warmup`` calls."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def deform_attn_inputs(num_queries: int | None, device, dtype=torch.float32, batch: int = 2,
+                       heads: int = 8, channels: int = 32, points: int = 4,
+                       levels=ENCODER_LEVELS, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    s = sum(h * w for h, w in levels)
+    lq = s if num_queries is None else num_queries
+    value = torch.randn(batch, s, heads, channels, generator=g, dtype=dtype)
+    loc = torch.rand(batch, lq, heads, len(levels), points, 2, generator=g, dtype=dtype)
+    attn = torch.rand(batch, lq, heads, len(levels) * points, generator=g, dtype=dtype)
+    attn = attn.softmax(-1).view(batch, lq, heads, len(levels), points)
+    return [t.to(device) for t in (value, loc, attn)], levels
+
+
+def bench_deform_attn(device: str = "cpu", repeat: int = 3, backends=None) -> list[dict]:
+    """Forward and forward+backward time and peak memory of each backend at Deformable
+    DETR's encoder shape (queries = all pixels) and decoder shape (300 queries)."""
+    from .deform_attn import ms_deform_attn
+
+    dev = torch.device(device)
+    if backends is None:
+        backends = ["torch", "numba"] if dev.type == "cpu" else ["torch", "cuda"]
+    rows = []
+    for name, nq in (("encoder", None), ("decoder", 300)):
+        (value, loc, attn), levels = deform_attn_inputs(nq, dev)
+        for backend in backends:
+            def fwd():
+                with torch.no_grad():
+                    return ms_deform_attn(value, levels, None, loc, attn, backend=backend)
+
+            def fwd_bwd():
+                v, lo, a = (t.detach().requires_grad_() for t in (value, loc, attn))
+                out = ms_deform_attn(v, levels, None, lo, a, backend=backend)
+                out.backward(torch.ones_like(out))
+                return v.grad, lo.grad, a.grad
+
+            row = {"shape": name, "queries": loc.shape[1], "backend": backend,
+                   "forward_s": time_it(fwd, dev, repeat),
+                   "forward_backward_s": time_it(fwd_bwd, dev, repeat),
+                   "forward_backward_peak_mib": peak_memory_mib(fwd_bwd, dev)}
+            rows.append(row)
+    for row in rows:  # ratios against the torch reference of the same shape
+        ref = next(r for r in rows if r["shape"] == row["shape"] and r["backend"] == "torch")
+        row["forward_speedup"] = ref["forward_s"] / row["forward_s"]
+        row["forward_backward_speedup"] = ref["forward_backward_s"] / row["forward_backward_s"]
+        row["memory_ratio"] = row["forward_backward_peak_mib"] / ref["forward_backward_peak_mib"]
+    return rows
+
+
+def machine_description(device: str = "cpu") -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    cpu = "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def ensure_fixed_mmap_threshold() -> None:
+    """Re-run this ``qdet`` command with glibc's mmap threshold fixed, so freed CPU memory
+    leaves the process and peak-memory readings are not hidden by reuse."""
+    import sys
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform == "linux":
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        os.execve(sys.executable, [sys.executable, "-m", "qdet", *sys.argv[1:]], env)
