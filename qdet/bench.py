@@ -66,15 +66,28 @@ def time_it(fn: Callable[[], object], device: torch.device, repeat: int = 3,
 
 def deform_attn_inputs(num_queries: int | None, device, dtype=torch.float32, batch: int = 2,
                        heads: int = 8, channels: int = 32, points: int = 4,
-                       levels=ENCODER_LEVELS, seed: int = 0):
+                       levels=ENCODER_LEVELS, spread: float = 2.0, seed: int = 0):
+    """Inputs shaped as in Deformable DETR. Each query has a reference point (encoder: the
+    centre of its own pixel; decoder: uniform in the image) and samples every level around
+    it, ``spread`` pixels (std) away: the local pattern the model's offsets produce."""
     g = torch.Generator().manual_seed(seed)
     s = sum(h * w for h, w in levels)
-    lq = s if num_queries is None else num_queries
+    if num_queries is None:
+        refs = []
+        for h, w in levels:
+            ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+            refs.append(torch.stack([xs.flatten() / w, ys.flatten() / h], -1))
+        ref = torch.cat(refs)                                            # [S, 2]
+    else:
+        ref = torch.rand(num_queries, 2, generator=g)
+    lq = ref.shape[0]
     value = torch.randn(batch, s, heads, channels, generator=g, dtype=dtype)
-    loc = torch.rand(batch, lq, heads, len(levels), points, 2, generator=g, dtype=dtype)
-    attn = torch.rand(batch, lq, heads, len(levels) * points, generator=g, dtype=dtype)
+    norm = torch.tensor([[w, h] for h, w in levels], dtype=torch.float32)
+    offsets = torch.randn(batch, lq, heads, len(levels), points, 2, generator=g) * spread
+    loc = (ref[None, :, None, None, None, :] + offsets / norm[None, None, None, :, None, :])
+    attn = torch.rand(batch, lq, heads, len(levels) * points, generator=g)
     attn = attn.softmax(-1).view(batch, lq, heads, len(levels), points)
-    return [t.to(device) for t in (value, loc, attn)], levels
+    return [t.to(device=device, dtype=dtype) for t in (value, loc, attn)], levels
 
 
 def bench_deform_attn(device: str = "cpu", repeat: int = 3, backends=None) -> list[dict]:
