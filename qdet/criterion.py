@@ -28,16 +28,15 @@ def num_boxes_across_workers(targets: list[dict], device) -> float:
 class SetCriterion(nn.Module):
     """``forward(outputs, targets)`` -> dict of unweighted losses; ``weighted`` sums them.
 
-    ``enc_class_agnostic``: the encoder proposals of two-stage models are scored as
-    object-vs-background (every target gets label 0), as in Deformable DETR.
+    With ``cfg.enc_class_agnostic`` the encoder proposals of two-stage models are scored
+    as object-vs-background (every target gets label 0), as in Deformable DETR.
     """
 
-    def __init__(self, num_classes: int, cfg: LossConfig, enc_class_agnostic: bool = False):
+    def __init__(self, num_classes: int, cfg: LossConfig):
         super().__init__()
         self.num_classes = num_classes
         self.cfg = cfg
         self.matcher = HungarianMatcher(cfg)
-        self.enc_class_agnostic = enc_class_agnostic
         if not cfg.focal:
             w = torch.ones(num_classes + 1)
             w[-1] = cfg.eos_coef
@@ -86,7 +85,7 @@ class SetCriterion(nn.Module):
             losses.update({f"{k}_{i}": v for k, v in self.single(aux, targets, num_boxes).items()})
         if "enc_outputs" in outputs:
             enc_targets = targets
-            if self.enc_class_agnostic:
+            if self.cfg.enc_class_agnostic:
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             enc = self.single(outputs["enc_outputs"], enc_targets, num_boxes)
             losses.update({f"{k}_enc": v for k, v in enc.items()})

@@ -226,8 +226,7 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
     out = Path(out)
     model.preprocess = {"size": cfg.augment.eval_size, "max_size": cfg.augment.max_size}
     model.to(device)
-    criterion = SetCriterion(model.config.num_classes, model.config.loss,
-                             getattr(model, "enc_class_agnostic", False)).to(device)
+    criterion = SetCriterion(model.config.num_classes, model.config.loss).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed,

@@ -27,6 +27,8 @@ class LossConfig:
     eos_coef: float = 0.1          # softmax: weight of the no-object class
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # two-stage: encoder proposals are scored object-vs-background (every target label 0)
+    enc_class_agnostic: bool = False
 
 
 @dataclass

@@ -45,13 +45,15 @@ def sine_position_embedding(mask: Tensor, num_feats: int = 128, temperature: flo
 
 
 def sine_embed_points(points: Tensor, num_feats: int = 128, temperature: float = 10000,
-                      scale: float = 2 * math.pi) -> Tensor:
+                      scale: float = 2 * math.pi, y_first: bool = True) -> Tensor:
     """Sine encoding of normalized points ``[..., 2]`` (x, y) or boxes ``[..., 4]``.
 
-    Returns ``[..., num_feats * points.shape[-1]]`` ordered (y, x[, w, h]) as in Conditional
-    DETR's ``gen_sineembed_for_position``, so point queries live in the keys' encoding space.
+    Returns ``[..., num_feats * points.shape[-1]]``, ordered (y, x[, w, h]) as in Conditional
+    DETR's ``gen_sineembed_for_position`` so that point queries live in the keys' encoding
+    space, or in input order with ``y_first=False`` (Deformable DETR's two-stage queries).
     """
     dim_t = _frequencies(num_feats, temperature, points.device)
     emb = [_interleave(points[..., i, None] * scale / dim_t) for i in range(points.shape[-1])]
-    emb[0], emb[1] = emb[1], emb[0]  # (x, y, ...) -> (y, x, ...)
+    if y_first:
+        emb[0], emb[1] = emb[1], emb[0]  # (x, y, ...) -> (y, x, ...)
     return torch.cat(emb, dim=-1)

@@ -14,6 +14,7 @@ from typing import Any
 
 ARCHS: dict[str, str] = {
     "detr": "qdet.detr",
+    "deformable": "qdet.deformable_detr",
 }
 
 

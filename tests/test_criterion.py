@@ -48,7 +48,7 @@ def test_aux_and_encoder_terms_and_weights():
     outputs, targets = tiny_case(focal=True)
     outputs["aux_outputs"] = [dict(outputs), dict(outputs)]
     outputs["enc_outputs"] = dict(outputs)
-    crit = SetCriterion(2, LossConfig(focal=True, class_weight=2.0), enc_class_agnostic=True)
+    crit = SetCriterion(2, LossConfig(focal=True, class_weight=2.0, enc_class_agnostic=True))
     losses = crit(outputs, targets)
     assert set(losses) == {f"loss_{n}{s}" for n in ("ce", "bbox", "giou")
                            for s in ("", "_0", "_1", "_enc")}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qdet
+from hf_convert import hf_resnet_key, hf_resnet_config, randomize_
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,18 +20,6 @@ ENC_RENAME = {"self_attn_layer_norm": "norm1", "mlp.fc1": "linear1", "mlp.fc2": 
               "final_layer_norm": "norm2"}
 DEC_RENAME = {"self_attn_layer_norm": "norm1", "encoder_attn_layer_norm": "norm2",
               "mlp.fc1": "linear1", "mlp.fc2": "linear2", "final_layer_norm": "norm3"}
-
-
-def hf_resnet_key(k: str) -> str:
-    k = k.replace("model.backbone.model.", "backbone.0.body.")
-    k = k.replace("embedder.embedder.convolution", "conv1")
-    k = k.replace("embedder.embedder.normalization", "bn1")
-    k = re.sub(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.",
-               lambda m: f"layer{int(m.group(1)) + 1}.{m.group(2)}.", k)
-    k = re.sub(r"layer\.(\d+)\.convolution", lambda m: f"conv{int(m.group(1)) + 1}", k)
-    k = re.sub(r"layer\.(\d+)\.normalization", lambda m: f"bn{int(m.group(1)) + 1}", k)
-    return k.replace("shortcut.convolution", "downsample.0").replace(
-        "shortcut.normalization", "downsample.1")
 
 
 def hf_to_official(sd: dict) -> dict:
@@ -69,27 +58,18 @@ def hf_to_official(sd: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def hf_and_qdet(tmp_path_factory):
-    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+    from transformers import DetrConfig, DetrForObjectDetection
 
     torch.manual_seed(0)
-    backbone = ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512],
-                            depths=[2, 2, 2, 2], layer_type="basic", out_features=["stage4"])
-    cfg = DetrConfig(use_timm_backbone=False, backbone_config=backbone, d_model=32,
+    cfg = DetrConfig(use_timm_backbone=False, backbone_config=hf_resnet_config(["stage4"]),
+                     d_model=32,
                      encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
                      num_queries=7, num_labels=6, dropout=0.0)
     # auxiliary_loss stays False: with it, HF (5.x) feeds each layer-normed decoder output
     # to the next layer, which the official code does not; aux heads are compared below
     # from HF's raw decoder hidden states instead.
-    hf = DetrForObjectDetection(cfg).eval()
-    with torch.no_grad():  # random BN statistics and biases, so nothing cancels out
-        for name, t in hf.state_dict().items():
-            if "running_var" in name:
-                t.copy_(torch.rand_like(t) + 0.5)
-            elif "running_mean" in name or name.endswith("bias"):
-                t.copy_(torch.randn_like(t) * 0.1)
-            elif "normalization.weight" in name or "layer_norm.weight" in name:
-                t.copy_(1 + 0.1 * torch.randn_like(t))
+    hf = randomize_(DetrForObjectDetection(cfg).eval())
     path = tmp_path_factory.mktemp("official") / "detr-tiny.pth"
     args = argparse.Namespace(nheads=4, dilation=False, backbone="resnet18", lr=1e-4)
     torch.save({"model": hf_to_official(hf.state_dict()), "args": args, "epoch": 3,

@@ -1,0 +1,153 @@
+"""Deformable DETR: parity with HF transformers' DeformableDetrForObjectDetection (same random
+weights, renamed into the official checkpoint layout and loaded with ``qdet.load``) for the
+plain, box-refinement and two-stage variants; and the variants' structure."""
+import argparse
+import re
+
+import pytest
+import torch
+
+import qdet
+from qdet.base import batch_images
+from qdet.registry import build_model
+
+from conftest import TINY, random_images
+from hf_convert import hf_resnet_config, hf_resnet_key, randomize_
+
+transformers = pytest.importorskip("transformers")
+
+ENC = {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2", "mlp.fc1": "linear1",
+       "mlp.fc2": "linear2"}
+DEC = {"encoder_attn_layer_norm": "norm1", "self_attn_layer_norm": "norm2",
+       "final_layer_norm": "norm3", "mlp.fc1": "linear1", "mlp.fc2": "linear2",
+       "encoder_attn": "cross_attn"}
+
+
+def hf_to_official(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("model.backbone."):
+            out[hf_resnet_key(k)] = v
+            continue
+        m = re.match(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.*)", k)
+        if m:
+            part, i, rest = m.groups()
+            prefix = f"transformer.{part}.layers.{i}."
+            am = re.match(r"self_attn\.(q|k|v|o)_proj\.(weight|bias)", rest)
+            if part == "decoder" and am:
+                which, kind = am.groups()
+                if which == "o":
+                    out[f"{prefix}self_attn.out_proj.{kind}"] = v
+                elif which == "q":
+                    base = f"model.decoder.layers.{i}.self_attn."
+                    out[f"{prefix}self_attn.in_proj_{kind}"] = torch.cat(
+                        [sd[f"{base}{w}_proj.{kind}"] for w in "qkv"])
+                continue
+            for old, new in (ENC if part == "encoder" else DEC).items():
+                if rest.startswith(old + "."):
+                    rest = new + rest[len(old):]
+                    break
+            out[prefix + rest] = v
+            continue
+        k = re.sub(r"^model\.(level_embed|reference_points|enc_output_norm|enc_output|"
+                   r"pos_trans_norm|pos_trans|encoder|decoder)", r"transformer.\1", k)
+        k = k.replace("model.query_position_embeddings", "query_embed")
+        k = k.replace("model.input_proj", "input_proj")
+        out[k] = v
+    return out
+
+
+def hf_model(**variant):
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
+
+    torch.manual_seed(0)
+    cfg = DeformableDetrConfig(
+        use_timm_backbone=False, backbone_config=hf_resnet_config(["stage2", "stage3", "stage4"]),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_feature_levels=4,
+        encoder_n_points=2, decoder_n_points=2, num_queries=10, two_stage_num_proposals=10,
+        num_labels=5, auxiliary_loss=True, dropout=0.0, **variant)
+    model = randomize_(DeformableDetrForObjectDetection(cfg).eval())
+    with torch.no_grad():  # a varied level embedding and sampling pattern
+        for name, t in model.state_dict().items():
+            if "level_embed" in name or "sampling_offsets.weight" in name:
+                t.copy_(torch.randn_like(t) * 0.1)
+    return model
+
+
+VARIANTS = {"plain": {}, "box_refine": {"with_box_refine": True},
+            "two_stage": {"with_box_refine": True, "two_stage": True}}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_outputs_match_hf(name, tmp_path):
+    hf = hf_model(**VARIANTS[name])
+    path = tmp_path / f"deformable-{name}.pth"
+    torch.save({"model": hf_to_official(hf.state_dict()),
+                "args": argparse.Namespace(nheads=4, num_queries=10)}, path)
+    model = qdet.load(path)
+    cfg = model.config
+    assert (cfg.with_box_refine, cfg.two_stage) == (name != "plain", name == "two_stage")
+    assert (cfg.d_model, cfg.num_feature_levels, cfg.enc_n_points, cfg.num_classes) == (32, 4, 2, 5)
+    images = random_images([(96, 128), (80, 112)])
+    x, mask = batch_images(images)
+    with torch.no_grad():
+        ref = hf(pixel_values=x, pixel_mask=(~mask).long())
+        out = model(images)
+    torch.testing.assert_close(out["pred_logits"], ref.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["pred_boxes"], ref.pred_boxes, rtol=1e-4, atol=1e-5)
+    # layer 0 (the aux output): HF's own heads on HF's hidden state and reference
+    h0 = ref.intermediate_hidden_states[:, 0]
+    with torch.no_grad():
+        logits0 = hf.class_embed[0](h0)
+        delta0 = hf.bbox_embed[0](h0)
+    init = ref.init_reference_points
+    logit_ref = torch.log(init / (1 - init))
+    if init.shape[-1] == 2:
+        delta0 = torch.cat([delta0[..., :2] + logit_ref, delta0[..., 2:]], -1)
+    else:
+        delta0 = delta0 + logit_ref
+    assert len(out["aux_outputs"]) == 1
+    torch.testing.assert_close(out["aux_outputs"][0]["pred_logits"], logits0, rtol=1e-4,
+                               atol=1e-5)
+    torch.testing.assert_close(out["aux_outputs"][0]["pred_boxes"], delta0.sigmoid(),
+                               rtol=1e-4, atol=1e-5)
+    if name == "two_stage":
+        torch.testing.assert_close(out["enc_outputs"]["pred_logits"], ref.enc_outputs_class,
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out["enc_outputs"]["pred_boxes"],
+                                   ref.enc_outputs_coord_logits.sigmoid(), rtol=1e-4, atol=1e-5)
+
+
+def test_heads_per_variant():
+    plain = build_model("deformable", TINY["deformable"])
+    assert plain.class_embed[0] is plain.class_embed[1]          # one shared head
+    refine = build_model("deformable", {**TINY["deformable"], "with_box_refine": True})
+    assert refine.class_embed[0] is not refine.class_embed[1]    # one head per layer
+    two = build_model("deformable", {**TINY["deformable"], "with_box_refine": True,
+                                     "two_stage": True})
+    assert len(two.class_embed) == 3 and not hasattr(two, "query_embed")
+    assert two.config.loss.focal
+    with pytest.raises(ValueError, match="two_stage needs with_box_refine"):
+        build_model("deformable", {**TINY["deformable"], "two_stage": True})
+
+
+def test_single_scale_and_two_levels():
+    for levels, stages in ((1, (4,)), (2, (3, 4)), (3, (2, 3, 4)), (4, (2, 3, 4))):
+        m = build_model("deformable", {**TINY["deformable"], "num_feature_levels": levels}).eval()
+        assert m.backbone.layers == stages and len(m.input_proj) == levels
+        assert m(random_images([(128, 128)]))["pred_boxes"].shape == (1, 6, 4)
+
+
+def test_deformable_layers_compile_without_graph_breaks():
+    torch._dynamo.reset()
+    model = build_model("deformable", TINY["deformable"]).eval()
+    images = random_images([(64, 96), (96, 64)])
+    with torch.no_grad():
+        srcs, masks, pos = model.features(images)
+        eager = model.transformer(srcs, masks, pos, model.query_embed.weight, model.class_embed,
+                                  model.bbox_embed)
+        compiled_fn = torch.compile(model.transformer, fullgraph=True, backend="aot_eager")
+        compiled = compiled_fn(srcs, masks, pos, model.query_embed.weight, model.class_embed,
+                               model.bbox_embed)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
