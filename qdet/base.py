@@ -100,6 +100,14 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def box_from_reference(delta: Tensor, ref: Tensor) -> Tensor:
+    """Box = sigmoid(delta + logit(reference)) for a 4-d reference box; a 2-d reference
+    point moves only the centre (width and height are predicted outright)."""
+    if ref.shape[-1] == 4:
+        return (delta + inverse_sigmoid(ref)).sigmoid()
+    return torch.cat([delta[..., :2] + inverse_sigmoid(ref), delta[..., 2:]], -1).sigmoid()
+
+
 def aux_list(logits: Tensor, boxes: Tensor) -> list[dict[str, Tensor]]:
     """Per-layer outputs ``[L,B,Q,*]`` -> the ``aux_outputs`` list (all but the last layer)."""
     return [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]

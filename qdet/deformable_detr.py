@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import Backbone
-from .base import MLP, Detector, aux_list, batch_images, inverse_sigmoid, resize_mask
+from .base import MLP, Detector, aux_list, batch_images, box_from_reference, resize_mask
 from .deform_attn import MSDeformAttn
 from .detr import count_layers, resnet_from_keys
 from .matcher import LossConfig
@@ -154,17 +154,10 @@ class Decoder(nn.Module):
                 ref_in = ref[:, :, None] * valid_ratios[:, None]
             tgt = layer(tgt, query_pos, ref_in, memory, shapes, pad)
             if bbox_embed is not None:
-                ref = refine(bbox_embed[i](tgt), ref).detach()
+                ref = box_from_reference(bbox_embed[i](tgt), ref).detach()
             hs.append(tgt)
             refs.append(ref)
         return torch.stack(hs), torch.stack(refs)
-
-
-def refine(delta: Tensor, ref: Tensor) -> Tensor:
-    """Box = sigmoid(delta + logit(reference)); a 2-d reference moves the centre only."""
-    if ref.shape[-1] == 4:
-        return (delta + inverse_sigmoid(ref)).sigmoid()
-    return torch.cat([delta[..., :2] + inverse_sigmoid(ref), delta[..., 2:]], -1).sigmoid()
 
 
 def valid_ratio(mask: Tensor) -> Tensor:
@@ -321,7 +314,7 @@ class DeformableDETR(Detector):
         for lvl in range(hs.shape[0]):
             ref = ref0 if lvl == 0 else refs[lvl - 1]
             logits.append(self.class_embed[lvl](hs[lvl]))
-            boxes.append(refine(self.bbox_embed[lvl](hs[lvl]), ref))
+            boxes.append(box_from_reference(self.bbox_embed[lvl](hs[lvl]), ref))
         logits, boxes = torch.stack(logits), torch.stack(boxes)
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.config.aux_loss:

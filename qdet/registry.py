@@ -15,6 +15,7 @@ from typing import Any
 ARCHS: dict[str, str] = {
     "detr": "qdet.detr",
     "deformable": "qdet.deformable_detr",
+    "conditional": "qdet.conditional_detr",
 }
 
 
