@@ -97,6 +97,7 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> Detector:
                               f"layout (first keys: {list(state)[:4]})")
     args = ckpt.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    args.setdefault("_filename", os.path.basename(source))  # e.g. "dc5" in a release's name
     mod = arch_module(arch)
     cfg, state = mod.official_config(state, args)
     model = mod.Model(cfg)

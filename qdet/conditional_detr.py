@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .backbone import Backbone
 from .base import MLP, Detector, aux_list, batch_images, box_from_reference
-from .detr import Encoder, count_layers, resnet_from_keys
+from .detr import Encoder, count_layers, official_dilation, resnet_from_keys
 from .matcher import LossConfig
 from .position_encoding import sine_embed_points, sine_position_embedding
 
@@ -209,7 +209,7 @@ def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
     cfg = Config(
         num_classes=sd["class_embed.weight"].shape[0],
         backbone=resnet_from_keys(sd, "backbone.0.body."),
-        dilation=bool(args.get("dilation", False)),
+        dilation=official_dilation(args),
         d_model=sd["query_embed.weight"].shape[1],
         nheads=int(args.get("nheads", 8)),
         enc_layers=count_layers(sd, "transformer.encoder.layers."),

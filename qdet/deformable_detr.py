@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .backbone import Backbone
 from .base import MLP, Detector, aux_list, batch_images, box_from_reference, resize_mask
 from .deform_attn import MSDeformAttn
-from .detr import count_layers, resnet_from_keys
+from .detr import count_layers, official_dilation, resnet_from_keys
 from .matcher import LossConfig
 from .position_encoding import sine_embed_points, sine_position_embedding
 
@@ -357,7 +357,7 @@ def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
     cfg = Config(
         num_classes=sd["class_embed.0.weight"].shape[0],
         backbone=resnet_from_keys(sd, "backbone.0.body."),
-        dilation=bool(args.get("dilation", False)),
+        dilation=official_dilation(args),
         num_feature_levels=levels, d_model=d, nheads=heads,
         enc_layers=count_layers(sd, "transformer.encoder.layers."),
         dec_layers=count_layers(sd, "transformer.decoder.layers."),

@@ -208,6 +208,17 @@ def count_layers(sd: dict, prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
+def official_dilation(args: dict) -> bool:
+    """DC5 or not: dilation leaves no trace in the weights, so read the checkpoint's args,
+    else look for "dc5" in the file name (as the official releases are named)."""
+    value = args.get("dilation")
+    if isinstance(value, str):  # some scripts parsed the flag as a string
+        return value.strip().lower() in ("true", "1", "yes")
+    if value is None:
+        return "dc5" in str(args.get("_filename", "")).lower()
+    return bool(value)
+
+
 def is_official(sd: dict) -> bool:
     return ("backbone.0.body.conv1.weight" in sd and "query_embed.weight" in sd
             and "transformer.decoder.layers.0.multihead_attn.in_proj_weight" in sd)
@@ -228,7 +239,7 @@ def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
     cfg = Config(
         num_classes=sd["class_embed.weight"].shape[0] - 1,
         backbone=resnet_from_keys(sd, "backbone.0.body."),
-        dilation=bool(args.get("dilation", False)),
+        dilation=official_dilation(args),
         d_model=d,
         nheads=int(args.get("nheads", 8)),
         enc_layers=count_layers(sd, "transformer.encoder.layers."),

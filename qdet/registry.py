@@ -16,6 +16,7 @@ ARCHS: dict[str, str] = {
     "detr": "qdet.detr",
     "deformable": "qdet.deformable_detr",
     "conditional": "qdet.conditional_detr",
+    "anchor": "qdet.anchor_detr",
 }
 
 

@@ -14,6 +14,8 @@ TINY = {
                        enc_n_points=2, dec_n_points=2, num_feature_levels=3),
     "conditional": dict(backbone="resnet18", d_model=32, nheads=4, enc_layers=1, dec_layers=2,
                         dim_feedforward=64, num_queries=6, dropout=0.0, num_classes=5),
+    "anchor": dict(backbone="resnet18", d_model=32, nheads=4, enc_layers=1, dec_layers=2,
+                   dim_feedforward=64, num_anchors=3, num_patterns=2, num_classes=5),
 }
 
 # The built-in data, small: few tiny images.
