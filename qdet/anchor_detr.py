@@ -314,7 +314,7 @@ def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
 
 # Paper recipe: 8 GPUs x 1 image, 50 epochs, lr 1e-4 (backbone 1e-5), drop at 40.
 PAPER = dict(train=dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, batch_size=1,
-                        epochs=50, lr_drop=40, clip_max_norm=0.1))
+                        epochs=50, lr_drops=(40,), clip_max_norm=0.1))
 
 SHAPES = dict(
     model=dict(backbone="resnet18", backbone_layer=3, frozen_bn=False, backbone_trainable=5,

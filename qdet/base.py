@@ -46,23 +46,26 @@ class Detector(nn.Module):
         self.transformer.compile()
 
 
-def batch_images(images: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def batch_images(images: Tensor | Sequence[Tensor], divisor: int = 1) -> tuple[Tensor, Tensor]:
     """Pad images to one tensor and return ``(x [B,3,H,W], mask [B,H,W])``.
 
     ``mask`` is True on padded pixels. Images are padded at the bottom and right to the
-    largest height and width in the batch, as the official DETR code does.
+    largest height and width in the batch (rounded up to a multiple of ``divisor``), as the
+    official DETR (divisor 1) and detectron2 (32) code do.
     """
     if isinstance(images, Tensor):
         if images.dim() == 3:
             images = images[None]
         if images.dim() != 4:
             raise ValueError(f"expected images [B,3,H,W], got shape {tuple(images.shape)}")
-        b, _, h, w = images.shape
-        return images, torch.zeros(b, h, w, dtype=torch.bool, device=images.device)
+        if divisor == 1 or (images.shape[-1] % divisor == 0 and images.shape[-2] % divisor == 0):
+            b, _, h, w = images.shape
+            return images, torch.zeros(b, h, w, dtype=torch.bool, device=images.device)
+        images = list(images)
     if len(images) == 0:
         raise ValueError("expected at least one image")
-    h = max(int(im.shape[-2]) for im in images)
-    w = max(int(im.shape[-1]) for im in images)
+    h = -(-max(int(im.shape[-2]) for im in images) // divisor) * divisor
+    w = -(-max(int(im.shape[-1]) for im in images) // divisor) * divisor
     first = images[0]
     x = first.new_zeros(len(images), first.shape[0], h, w)
     mask = torch.ones(len(images), h, w, dtype=torch.bool, device=first.device)
@@ -131,5 +134,6 @@ def postprocess(outputs: dict, sizes: Tensor, focal: bool, topk: int = 100) -> l
     else:
         scores, labels = logits.softmax(-1)[..., :-1].max(-1)
     h, w = sizes.to(boxes).unbind(1)
-    boxes = box_convert(boxes, "cxcywh", "xyxy") * torch.stack([w, h, w, h], 1)[:, None]
+    scale = torch.stack([w, h, w, h], 1)[:, None]
+    boxes = (box_convert(boxes, "cxcywh", "xyxy").clamp(0, 1) * scale)  # clipped to the image
     return [{"scores": s, "labels": l, "boxes": x} for s, l, x in zip(scores, labels, boxes)]

@@ -102,10 +102,9 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> Detector:
     cfg, state = mod.official_config(state, args)
     model = mod.Model(cfg)
     _load_state(model, state, source)
-    from .data import coco_label_names  # official releases are COCO models
+    from .data import coco_labels  # official releases are COCO models
 
-    model.category_ids = list(range(cfg.num_classes))
-    model.class_names = coco_label_names(cfg.num_classes)
+    model.category_ids, model.class_names = coco_labels(cfg.num_classes)
     return model
 
 

@@ -229,7 +229,7 @@ def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
 # ------------------------------------------------------------------------- presets
 
 PAPER = dict(train=dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, batch_size=2,
-                        epochs=50, lr_drop=40, clip_max_norm=0.1))
+                        epochs=50, lr_drops=(40,), clip_max_norm=0.1))
 
 # From scratch on the built-in shapes data in ~10 CPU minutes (the quickstart).
 SHAPES = dict(

@@ -55,10 +55,14 @@ COCO_CATEGORIES = [
 ]
 
 
-def coco_label_names(num_classes: int) -> list[str]:
-    """Names for models whose label is the COCO category id itself (official releases)."""
+def coco_labels(num_classes: int) -> tuple[list[int], list[str]]:
+    """Category ids and names of an official COCO release's labels: with 80 classes the
+    labels are COCO's categories in order (detectron2 models), otherwise a label is the
+    COCO category id itself (DETR-style models, 91 classes with unused ids)."""
+    if num_classes == len(COCO_CATEGORIES):
+        return [c for c, _ in COCO_CATEGORIES], [n for _, n in COCO_CATEGORIES]
     names = dict(COCO_CATEGORIES)
-    return [names.get(i, "N/A") for i in range(num_classes)]
+    return list(range(num_classes)), [names.get(i, "N/A") for i in range(num_classes)]
 
 
 class DataError(ValueError):

@@ -388,7 +388,7 @@ def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
 PAPER = dict(train=dict(lr=2e-4, lr_backbone=2e-5, lr_slow_names=("reference_points",
                                                                   "sampling_offsets"),
                         lr_slow_mult=0.1, weight_decay=1e-4, batch_size=2, epochs=50,
-                        lr_drop=40, clip_max_norm=0.1))
+                        lr_drops=(40,), clip_max_norm=0.1))
 
 SHAPES = dict(
     model=dict(backbone="resnet18", frozen_bn=False, backbone_trainable=5,

@@ -262,7 +262,7 @@ def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
 
 # Paper training recipe (COCO, 8 GPUs x 2 images): lr 1e-4, backbone 1e-5, 500 epochs.
 PAPER = dict(train=dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, batch_size=2,
-                        epochs=500, lr_drop=400, clip_max_norm=0.1))
+                        epochs=500, lr_drops=(400,), clip_max_norm=0.1))
 
 # From scratch on the built-in shapes data in ~10 CPU minutes: see README "Presets".
 SHAPES = dict(

@@ -51,8 +51,8 @@ class TrainConfig:
     lr_slow_mult: float = 0.1            # ... train at lr * lr_slow_mult (Deformable DETR)
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
-    schedule: str = "step"              # "step": x0.1 after lr_drop epochs; "cosine"
-    lr_drop: int = 400
+    schedule: str = "step"              # "step": x0.1 at each of lr_drops (epochs); "cosine"
+    lr_drops: tuple[int, ...] = (400,)
     warmup_steps: int = 0
     num_workers: int = 2
     seed: int = 42
@@ -116,7 +116,7 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
         if cfg.schedule == "cosine":
             return warm * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
         if cfg.schedule == "step":
-            return warm * (0.1 if step >= cfg.lr_drop * steps_per_epoch else 1.0)
+            return warm * 0.1 ** sum(step >= e * steps_per_epoch for e in cfg.lr_drops)
         raise ValueError(f"unknown schedule {cfg.schedule!r} (use 'step' or 'cosine')")
     return factor
 

