@@ -62,6 +62,8 @@ class Backbone(nn.Module):
         self.strides = [strides[i - 1] for i in layers]
 
     def forward(self, x: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+        if self.body.conv1.weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)  # model.to(channels_last)
         feats = self.body(x)
         return [(f, resize_mask(mask, f.shape[-2:])) for f in feats.values()]
 

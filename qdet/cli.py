@@ -252,6 +252,78 @@ def data_shapes(
                   f"--val-data {written['val']} --val-images {out / 'val'}")
 
 
+@app.command("match-debug")
+def match_debug_cmd(
+    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint; default: best.pt of "
+                                                    "the most recent run under ./runs.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="COCO-format annotations (JSON); "
+                                                 "default: the built-in validation data.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of the images.")] = None,
+    index: Annotated[int, typer.Option(help="Which image of the dataset (0-based).")] = 0,
+    image_id: Annotated[Optional[int], typer.Option(help="Pick the image by its COCO "
+                                                    "id instead.")] = None,
+    threshold: Annotated[float, typer.Option(help="Score above which an unmatched query "
+                                             "overlapping a match is a likely duplicate.")] = 0.3,
+    save: Annotated[Optional[Path], typer.Option(help="Draw targets and their matched "
+                                                 "predictions, linked, to this PNG.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the same data as JSON.")] = False,
+    device: Device = None,
+):
+    """Show what the Hungarian matcher did on one image: per target, the matched query,
+    its cost terms and total, the runner-up and margin; per decoder layer, the assignment
+    and how often it changes; likely duplicate predictions."""
+    import torch
+
+    from .checkpoint import read_checkpoint
+    from .data import AugmentConfig, CocoDataset, DataError, ShapesDataset
+    from .match_debug import debug_image, draw, render, to_json
+    from .shapes import ShapesConfig
+
+    path = find_weights(weights)
+    model = load_model(path, pick_device(device))
+    aug = AugmentConfig(eval_size=model.preprocess["size"], max_size=model.preprocess["max_size"])
+    try:
+        if data is not None:
+            if images is None:
+                fail("--data needs --images (the folder its file_name fields are in)")
+            dataset = CocoDataset(data, images, aug, train=False)
+        else:
+            shapes_cfg = read_checkpoint(path).get("train", {}).get("shapes")
+            dataset = ShapesDataset("val", ShapesConfig(**(shapes_cfg or {})), aug, train=False)
+    except DataError as e:
+        fail(str(e))
+    if image_id is not None:
+        ids = [im["id"] for im in dataset.images] if hasattr(dataset, "images") \
+            else list(range(len(dataset)))
+        if image_id not in ids:
+            fail(f"no image with id {image_id} in the dataset")
+        index = ids.index(image_id)
+    if not 0 <= index < len(dataset):
+        fail(f"--index {index} is out of range: the dataset has {len(dataset)} images")
+    x, target = dataset[index]
+    label_of = {cid: i for i, cid in enumerate(model.category_ids)}
+    keep = [i for i, l in enumerate(target["labels"].tolist())
+            if dataset.category_ids[l] in label_of]
+    if len(keep) < len(target["labels"]):
+        err.print(f"{len(target['labels']) - len(keep)} target(s) have categories the model "
+                  "does not know; left out")
+    labels = torch.tensor([label_of[dataset.category_ids[target["labels"][i]]] for i in keep],
+                          dtype=torch.long)
+    dev = next(model.parameters()).device
+    tgt = {"labels": labels.to(dev), "boxes": target["boxes"][keep].to(dev)}
+    result = debug_image(model, x.to(dev), tgt, threshold)
+    names = model.class_names
+    if as_json:
+        print(json.dumps({"image_id": target["image_id"], "weights": str(path),
+                          **to_json(result, names)}, indent=1))
+    else:
+        render(result, names, console, title=f"image {target['image_id']}: ")
+    if save is not None:
+        draw(dataset.raw_image(index), result, names).save(save)
+        if not as_json:
+            console.print(f"drawing saved to {save}")
+
+
 @bench_app.command("deform-attn")
 def bench_deform_attn_cmd(
     device: Device = None,

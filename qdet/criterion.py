@@ -55,7 +55,7 @@ class SetCriterion(nn.Module):
         """Loss terms of one output dict (final layer, one aux layer, or the encoder)."""
         if indices is None:
             indices = self.matcher(outputs, targets)
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
         batch_idx, src_idx = batch_idx.to(logits.device), src_idx.to(logits.device)

@@ -212,6 +212,9 @@ class ShapesDataset(DetectionDataset):
         img, boxes, labels = shapes.render(self.cfg, self.split, index)
         return self.make_sample(index, img, boxes, labels, index)
 
+    def raw_image(self, index: int) -> Image.Image:
+        return shapes.render(self.cfg, self.split, index)[0]
+
     def coco_dict(self) -> dict:
         return shapes.coco_dict(self.cfg, self.split)
 
@@ -243,6 +246,9 @@ class CocoDataset(DetectionDataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def raw_image(self, index: int) -> Image.Image:
+        return load_image(self.image_dir / self.images[index]["file_name"])
 
     def __getitem__(self, index: int):
         im = self.images[index]

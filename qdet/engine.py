@@ -58,6 +58,8 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 1
     compile: bool = False
+    bf16: bool = False                  # bfloat16 autocast for the forward pass (CPU and GPU)
+    channels_last: bool = False         # NHWC convolutions (faster on CPU with bf16)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)  # the built-in data, if used
 
@@ -238,6 +240,8 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         state = RunState(epoch=resume["epoch"], best_ap=resume.get("best_ap", -1.0))
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     if cfg.compile:
         model.compile_transformer()
     net = model
@@ -262,7 +266,9 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="")
             for step, (images, targets) in enumerate(loader):
                 images, targets = to_device(images, targets, device)
-                losses = criterion(net(images), targets)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    outputs = net(images)
+                losses = criterion(outputs, targets)  # in float32
                 loss = criterion.weighted(losses)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(

@@ -156,3 +156,33 @@ def test_python_dash_m_runs_the_same_app():
     out = subprocess.run([sys.executable, "-m", "qdet", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "train" in out and "predict" in out and "eval" in out
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_every_arch_trains_and_evaluates_on_builtin_data(arch, tmp_path):
+    res = fit(arch, out=str(tmp_path / arch), device="cpu",
+              model_overrides={k: v for k, v in TINY[arch].items() if k != "num_classes"},
+              train_overrides={**TINY_TRAIN, "epochs": 1})
+    assert {"loss", "AP", "AP50"} <= set(res["metrics"])
+    model = qdet.load(tmp_path / arch / "best.pt")
+    assert model.arch == arch and model.config.num_classes == 5
+
+
+def test_cli_match_debug_on_latest_run(trained_run, monkeypatch):
+    cwd, _ = trained_run
+    monkeypatch.chdir(cwd)
+    runner = CliRunner()
+    r = runner.invoke(app, ["match-debug", "--json", "--index", "1", "--save", "md.png"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output[r.output.index("{"):])
+    from qdet.shapes import ShapesConfig, render
+
+    _, boxes, labels = render(ShapesConfig(image_size=64), "val", 1)
+    assert len(data["rows"]) == len(boxes)
+    assert [row["target_name"] for row in data["rows"]] == \
+        [["rectangle", "ellipse", "triangle", "cross", "star"][l] for l in labels]
+    assert (cwd / "md.png").is_file()
+    r = runner.invoke(app, ["match-debug", "--index", "0"])
+    assert r.exit_code == 0 and "Hungarian matching (softmax class cost" in r.output
+    r = runner.invoke(app, ["match-debug", "--index", "99"])
+    assert r.exit_code == 1 and "out of range" in r.output
