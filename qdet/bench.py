@@ -145,3 +145,49 @@ def ensure_fixed_mmap_threshold() -> None:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform == "linux":
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
         os.execve(sys.executable, [sys.executable, "-m", "qdet", *sys.argv[1:]], env)
+
+
+def bench_rcda(device: str = "cpu", repeat: int = 3, size: tuple[int, int] = (50, 75),
+               batch: int = 1, queries: int = 900, backward: bool = True) -> list[dict]:
+    """Anchor DETR's row-column decoupled attention against standard attention, for the
+    encoder's self-attention (every cell a query) and the decoder's cross-attention
+    (``queries`` queries), at a DC5-sized map (800x1200 input at stride 16: 50x75)."""
+    from .anchor_detr import Config, DecoderLayer, EncoderLayer, axis_positions, sine_1d
+    from .position_encoding import sine_embed_points
+
+    dev = torch.device(device)
+    h, w = size
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for attention in ("standard", "rcda"):
+        cfg = Config(attention=attention)
+        d = cfg.d_model
+        enc, dec = EncoderLayer(cfg).to(dev), DecoderLayer(cfg).to(dev)
+        src = torch.randn(batch, h, w, d, generator=g).to(dev)
+        mask = torch.zeros(batch, h, w, dtype=torch.bool, device=dev)
+        y, x = axis_positions(mask)
+        pos_row, pos_col = sine_1d(x, d)[:, None], sine_1d(y, d)[:, :, None]
+        xy = torch.stack([x[:, None, :].expand(batch, h, w), y[:, :, None].expand(batch, h, w)], -1)
+        pos_2d = sine_embed_points(xy, d // 2)
+        tgt = torch.randn(batch, queries, d, generator=g).to(dev)
+        ref = torch.rand(batch, queries, 2, generator=g).to(dev)
+        qpos = sine_embed_points(ref, d // 2)
+        qx, qy = sine_1d(ref[..., 0], d), sine_1d(ref[..., 1], d)
+        for name, fn in (("encoder self-attention", lambda: enc(src.requires_grad_(backward), mask,
+                                                                pos_row, pos_col, pos_2d)),
+                         ("decoder cross-attention", lambda: dec(tgt.requires_grad_(backward), qpos,
+                                                                 qx, qy, src, mask, pos_row,
+                                                                 pos_col, pos_2d))):
+            def step():
+                out = fn()
+                if backward:
+                    out.sum().backward()
+                return out
+
+            rows.append({"layer": name, "attention": attention, "seconds": time_it(step, dev, repeat),
+                         "peak_mib": peak_memory_mib(step, dev)})
+    for row in rows:
+        ref_row = next(r for r in rows if r["layer"] == row["layer"] and r["attention"] == "standard")
+        row["speedup"] = ref_row["seconds"] / row["seconds"]
+        row["memory_ratio"] = row["peak_mib"] / ref_row["peak_mib"]
+    return rows

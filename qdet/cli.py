@@ -355,6 +355,35 @@ def bench_deform_attn_cmd(
                   "memory of forward+backward relative to it (lower is better)")
 
 
+@bench_app.command("rcda")
+def bench_rcda_cmd(
+    device: Device = None,
+    repeat: Annotated[int, typer.Option(help="Timed runs per measurement (median).")] = 3,
+    height: Annotated[int, typer.Option(help="Feature map height (DC5 of 800x1200: 50).")] = 50,
+    width: Annotated[int, typer.Option(help="Feature map width (DC5 of 800x1200: 75).")] = 75,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+):
+    """Anchor DETR: row-column decoupled attention vs standard attention, time and peak
+    memory of forward+backward for one encoder and one decoder layer (d 256, 8 heads, 900
+    queries) at a DC5-sized feature map, the paper's reason for RCDA."""
+    from .bench import bench_rcda, ensure_fixed_mmap_threshold, machine_description
+
+    ensure_fixed_mmap_threshold()
+    device = pick_device(device)
+    rows = bench_rcda(device, repeat, (height, width))
+    if as_json:
+        console.print_json(json.dumps({"machine": machine_description(device), "rows": rows}))
+        return
+    table = Table(title=f"Anchor DETR attention at {height}x{width}, forward+backward, "
+                        f"{machine_description(device)}")
+    for col in ("layer", "attention", "ms", "peak MiB", "speed x", "memory x"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["layer"], r["attention"], f"{r['seconds'] * 1e3:.1f}",
+                      f"{r['peak_mib']:.0f}", f"{r['speedup']:.2f}", f"{r['memory_ratio']:.3f}")
+    console.print(table)
+
+
 @app.command()
 def archs():
     """List the registered architectures."""

@@ -260,19 +260,8 @@ class DeformableDETR(Detector):
         if cfg.two_stage and not cfg.with_box_refine:
             raise ValueError("two_stage needs with_box_refine (as in the official code): "
                              "set both")
-        d, levels = cfg.d_model, cfg.num_feature_levels
-        stages = (2, 3, 4)[-min(levels, 3):]  # C5 alone, C4-C5, or C3-C5 (+ extra levels)
-        self.backbone = Backbone(cfg.backbone, stages, cfg.dilation, cfg.frozen_bn,
-                                 cfg.backbone_trainable)
-        chans = self.backbone.channels
-        proj = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in chans]
-        for i in range(levels - len(chans)):  # extra levels: stride-2 3x3 convs
-            proj.append(nn.Sequential(nn.Conv2d(chans[-1] if i == 0 else d, d, 3, 2, 1),
-                                      nn.GroupNorm(32, d)))
-        self.input_proj = nn.ModuleList(proj)
-        for p in self.input_proj:
-            nn.init.xavier_uniform_(p[0].weight, gain=1)
-            nn.init.zeros_(p[0].bias)
+        d = cfg.d_model
+        self.backbone, self.input_proj = self.make_inputs(cfg)
         self.transformer = Transformer(cfg)
         if not cfg.two_stage:
             self.query_embed = nn.Embedding(cfg.num_queries, 2 * d)
@@ -291,6 +280,23 @@ class DeformableDETR(Detector):
         else:  # one head shared by every layer
             self.class_embed = nn.ModuleList([class_head] * n_pred)
             self.bbox_embed = nn.ModuleList([box_head] * n_pred)
+
+    @staticmethod
+    def make_inputs(cfg) -> tuple[Backbone, nn.ModuleList]:
+        """The multi-scale backbone and the per-level projections to the model width."""
+        d, levels = cfg.d_model, cfg.num_feature_levels
+        stages = (2, 3, 4)[-min(levels, 3):]  # C5 alone, C4-C5, or C3-C5 (+ extra levels)
+        backbone = Backbone(cfg.backbone, stages, cfg.dilation, cfg.frozen_bn,
+                            cfg.backbone_trainable)
+        chans = backbone.channels
+        proj = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in chans]
+        for i in range(levels - len(chans)):  # extra levels: stride-2 3x3 convs
+            proj.append(nn.Sequential(nn.Conv2d(chans[-1] if i == 0 else d, d, 3, 2, 1),
+                                      nn.GroupNorm(32, d)))
+        for p in proj:
+            nn.init.xavier_uniform_(p[0].weight, gain=1)
+            nn.init.zeros_(p[0].bias)
+        return backbone, nn.ModuleList(proj)
 
     def features(self, images):
         """Projected multi-scale maps, their padding masks and position encodings."""

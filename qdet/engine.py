@@ -284,6 +284,9 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
                 sums["loss"] = sums.get("loss", 0.0) + loss.item()
                 for k in ("loss_ce", "loss_bbox", "loss_giou"):
                     sums[k] = sums.get(k, 0.0) + losses[k].item()
+                enc = {k: v for k, v in losses.items() if k.endswith("_enc")}
+                if enc:  # two-stage / dense-prior models: the encoder's own set loss
+                    sums["loss_enc"] = sums.get("loss_enc", 0.0) + criterion.weighted(enc).item()
                 n = step + 1
                 bar.update(task, advance=1, info=f"loss {sums['loss'] / n:.3f} "
                            f"lr {optimizer.param_groups[0]['lr']:.2e} "

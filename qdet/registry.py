@@ -18,6 +18,7 @@ ARCHS: dict[str, str] = {
     "conditional": "qdet.conditional_detr",
     "anchor": "qdet.anchor_detr",
     "sparse-rcnn": "qdet.sparse_rcnn",
+    "efficient": "qdet.efficient_detr",
 }
 
 
