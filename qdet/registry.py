@@ -19,6 +19,7 @@ ARCHS: dict[str, str] = {
     "anchor": "qdet.anchor_detr",
     "sparse-rcnn": "qdet.sparse_rcnn",
     "efficient": "qdet.efficient_detr",
+    "dynamic": "qdet.dynamic_detr",
 }
 
 

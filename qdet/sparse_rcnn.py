@@ -72,19 +72,24 @@ class Config:
         return self.num_proposals
 
 
-def roi_pool(features: list[Tensor], boxes: list[Tensor], resolution: int) -> Tensor:
-    """RoIAlign of absolute xyxy boxes from P2..P5 ``features`` (strides 4..32), each box from
-    the level its size assigns (detectron2's rule). Returns ``[sum(boxes), C, r, r]``."""
+def roi_pool(features: list[Tensor], boxes: list[Tensor], resolution: int,
+             first_level: int = 2) -> Tensor:
+    """RoIAlign of absolute xyxy boxes from a pyramid whose first map has stride
+    2**first_level (P2..P5 here), each box from the level its size assigns (detectron2's
+    rule: floor(4 + log2(size / 224)), clamped to the pyramid). Returns
+    ``[sum(boxes), C, r, r]``."""
     rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1)
                       for i, b in enumerate(boxes)])
     size = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()
-    level = torch.floor(4 + torch.log2(size / 224 + 1e-8)).clamp(2, 5).long() - 2
+    last = first_level + len(features) - 1
+    level = torch.floor(4 + torch.log2(size / 224 + 1e-8)).clamp(first_level, last).long()
     out = rois.new_zeros(len(rois), features[0].shape[1], resolution, resolution)
-    for lvl, feat in enumerate(features):
-        idx = torch.nonzero(level == lvl).squeeze(1)
+    for i, feat in enumerate(features):
+        idx = torch.nonzero(level == first_level + i).squeeze(1)
         if idx.numel():
-            out[idx] = roi_align(feat, rois[idx], resolution, spatial_scale=1 / 2 ** (lvl + 2),
-                                 sampling_ratio=2, aligned=True).to(out.dtype)
+            out[idx] = roi_align(feat, rois[idx], resolution,
+                                 spatial_scale=1 / 2 ** (first_level + i), sampling_ratio=2,
+                                 aligned=True).to(out.dtype)
     return out
 
 
@@ -135,9 +140,10 @@ class RCNNHead(nn.Module):
     """One stage: self-attention among proposals, dynamic interaction with their RoIs, FFN,
     class and box-delta branches."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, first_level: int = 2):
         super().__init__()
         d = cfg.d_model
+        self.first_level = first_level
         self.self_attn = nn.MultiheadAttention(d, cfg.nheads, dropout=cfg.dropout,
                                                batch_first=True)
         self.inst_interact = DynamicConv(d, cfg.dim_dynamic, cfg.pooler_resolution)
@@ -153,7 +159,7 @@ class RCNNHead(nn.Module):
     def forward(self, features, boxes: Tensor, query: Tensor):
         """boxes ``[N,P,4]`` absolute xyxy, query ``[N,P,d]`` -> logits, boxes, query."""
         n, p, d = query.shape
-        roi = roi_pool(features, list(boxes), self.resolution)                 # [N*P,d,r,r]
+        roi = roi_pool(features, list(boxes), self.resolution, self.first_level)  # [N*P,d,r,r]
         roi = roi.flatten(2).transpose(1, 2)                                    # [N*P,r*r,d]
         query = self.norm1(query + self.dropout1(self.self_attn(query, query, query,
                                                                 need_weights=False)[0]))
@@ -169,9 +175,12 @@ class RCNNHead(nn.Module):
 
 
 class DynamicHead(nn.Module):
-    def __init__(self, cfg: Config):
+    """Iterative stages over a feature pyramid starting at stride 2**first_level; boxes are
+    detached between stages. Also Dynamic DETR's decoder."""
+
+    def __init__(self, cfg, num_stages: int, first_level: int = 2):
         super().__init__()
-        self.head_series = nn.ModuleList(RCNNHead(cfg) for _ in range(cfg.num_heads))
+        self.head_series = nn.ModuleList(RCNNHead(cfg, first_level) for _ in range(num_stages))
         prior = -math.log((1 - 0.01) / 0.01)
         for name, p in self.named_parameters():
             if p.dim() > 1:
@@ -204,30 +213,40 @@ class SparseRCNN(Detector):
         with torch.no_grad():  # every proposal starts as the whole image
             self.init_proposal_boxes.weight[:, :2] = 0.5
             self.init_proposal_boxes.weight[:, 2:] = 1.0
-        self.head = DynamicHead(cfg)
+        self.head = DynamicHead(cfg, cfg.num_heads)
 
     def forward(self, images) -> dict:
-        if isinstance(images, Tensor) and images.dim() == 4:
-            images = list(images)
-        sizes = torch.tensor([[im.shape[-1], im.shape[-2]] * 2 for im in images],
-                             dtype=torch.float32, device=images[0].device)     # [N,4] whwh
-        x, mask = batch_images(images, divisor=32)
+        x, mask, sizes = pad_for_pyramid(images)
         feats = self.backbone(x, mask)
         pyramid = self.fpn({str(i): f for i, (f, _) in enumerate(feats)})
-        features = list(pyramid.values())                                       # P2..P5
-        n = len(images)
-        init = box_convert(self.init_proposal_boxes.weight, "cxcywh", "xyxy")
-        boxes = init[None] * sizes[:, None]                                     # absolute
-        query = self.init_proposal_features.weight[None].expand(n, -1, -1)
-        logits, boxes = self.head(features, boxes, query)
-        boxes = box_convert(boxes / sizes[None, :, None], "xyxy", "cxcywh")     # contract
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.config.aux_loss:
-            out["aux_outputs"] = aux_list(logits, boxes)
-        return out
+        return decode_proposals(self, list(pyramid.values()), sizes)            # P2..P5
 
     def compile_transformer(self) -> None:
         self.head.compile()
+
+
+def pad_for_pyramid(images) -> tuple[Tensor, Tensor, Tensor]:
+    """Images padded to a multiple of 32, their mask, and each image's (w, h, w, h)."""
+    if isinstance(images, Tensor) and images.dim() == 4:
+        images = list(images)
+    sizes = torch.tensor([[im.shape[-1], im.shape[-2]] * 2 for im in images],
+                         dtype=torch.float32, device=images[0].device)
+    x, mask = batch_images(images, divisor=32)
+    return x, mask, sizes
+
+
+def decode_proposals(model, features: list[Tensor], sizes: Tensor) -> dict:
+    """Learned proposals (``model.init_proposal_boxes/features``) through ``model.head``;
+    boxes are absolute inside and normalized (cx, cy, w, h) in the returned contract."""
+    init = box_convert(model.init_proposal_boxes.weight, "cxcywh", "xyxy")
+    boxes = init[None] * sizes[:, None]                                         # absolute
+    query = model.init_proposal_features.weight[None].expand(len(sizes), -1, -1)
+    logits, boxes = model.head(features, boxes, query)
+    boxes = box_convert(boxes / sizes[None, :, None], "xyxy", "cxcywh")
+    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+    if model.config.aux_loss:
+        out["aux_outputs"] = aux_list(logits, boxes)
+    return out
 
 
 Model = SparseRCNN
