@@ -191,3 +191,139 @@ def bench_rcda(device: str = "cpu", repeat: int = 3, size: tuple[int, int] = (50
         row["speedup"] = ref_row["seconds"] / row["seconds"]
         row["memory_ratio"] = row["peak_mib"] / ref_row["peak_mib"]
     return rows
+
+
+def _images(batch: int, size: tuple[int, int], device) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(3, *size, generator=g).to(device) for _ in range(batch)]
+
+
+def bench_inference(arch: str, device: str = "cpu", size: tuple[int, int] = (800, 1066),
+                    batch: int = 1, repeat: int = 3, modes=("eager", "fast", "fast+bf16"),
+                    compile: bool = False) -> list[dict]:
+    """Inference latency of ``arch`` with the paper's configuration (random weights) at
+    ``size``: the plain eager model, the fast path (``qdet.fast``), and the fast path under
+    bfloat16 autocast; with peak memory and the largest output difference to eager."""
+    import copy
+
+    from .fast import optimize_for_inference
+    from .registry import build_model
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    eager = build_model(arch).to(dev).eval()
+    images = _images(batch, size, dev)
+    rows, ref = [], None
+    for mode in modes:
+        model = eager
+        if mode != "eager":
+            model = optimize_for_inference(copy.deepcopy(eager), compile=compile)
+        bf16 = mode.endswith("bf16")
+
+        def run():
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16,
+                                                        enabled=bf16):
+                return model(images)
+
+        out = run()
+        diff = 0.0
+        if ref is None:
+            ref = out
+        else:
+            diff = max((out[k].float() - ref[k].float()).abs().max().item()
+                       for k in ("pred_logits", "pred_boxes"))
+        seconds = time_it(run, dev, repeat)
+        rows.append({"arch": arch, "mode": mode, "seconds": seconds,
+                     "images_per_s": batch / seconds, "peak_mib": peak_memory_mib(run, dev),
+                     "max_abs_diff": diff})
+    for row in rows:
+        row["speedup"] = rows[0]["seconds"] / row["seconds"]
+    return rows
+
+
+def bench_training(arch: str, device: str = "cpu", batch: int = 16, size: int = 128,
+                   repeat: int = 3, modes=("eager", "bf16+channels_last")) -> list[dict]:
+    """Training step time (forward, loss, backward, AdamW) of ``arch``'s built-in-data preset
+    on ``batch`` images of ``size`` px, eager against bf16 autocast + channels_last."""
+    from .criterion import SetCriterion
+    from .data import collate
+    from .data import ShapesDataset
+    from .registry import arch_module, build_model
+    from .shapes import ShapesConfig
+
+    dev = torch.device(device)
+    preset = arch_module(arch).SHAPES["model"]
+    data = ShapesDataset("train", ShapesConfig(image_size=size))
+    images, targets = collate([data[i] for i in range(batch)])
+    images = [im.to(dev) for im in images]
+    targets = [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    rows = []
+    for mode in modes:
+        torch.manual_seed(0)
+        model = build_model(arch, {**preset, "num_classes": 5}).to(dev).train()
+        fast = mode != "eager"
+        if fast:
+            model.to(memory_format=torch.channels_last)
+        crit = SetCriterion(5, model.config.loss).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), 1e-4, foreach=True)
+
+        def step():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=fast):
+                out = model(images)
+            loss = crit.weighted(crit(out, targets))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        seconds = time_it(step, dev, repeat)
+        rows.append({"arch": arch, "mode": mode, "seconds": seconds,
+                     "images_per_s": batch / seconds, "peak_mib": peak_memory_mib(step, dev)})
+    for row in rows:
+        row["speedup"] = rows[0]["seconds"] / row["seconds"]
+    return rows
+
+
+def bench_matcher(batch: int = 32, queries: int = 300, targets: int = 20, classes: int = 91,
+                  repeat: int = 5) -> list[dict]:
+    """qdet's matcher (batched [B,Q,T_max] costs, one solve per image) against the official
+    DETR matcher's formulation (one [B*Q, sum T] cost matrix split per image)."""
+    from scipy.optimize import linear_sum_assignment
+    from torchvision.ops import box_convert, generalized_box_iou
+
+    from .matcher import HungarianMatcher, LossConfig
+
+    g = torch.Generator().manual_seed(0)
+    outputs = {"pred_logits": torch.randn(batch, queries, classes, generator=g),
+               "pred_boxes": torch.rand(batch, queries, 4, generator=g) * 0.5 + 0.25}
+    tgts = [{"labels": torch.randint(0, classes, (targets,), generator=g),
+             "boxes": torch.rand(targets, 4, generator=g) * 0.5 + 0.25} for _ in range(batch)]
+    rows = []
+    for focal in (False, True):
+        cfg = LossConfig(focal=focal, class_cost=2.0 if focal else 1.0)
+        ours = HungarianMatcher(cfg)
+
+        def flattened():  # the formulation of the official repositories
+            logits = outputs["pred_logits"].flatten(0, 1)
+            boxes = outputs["pred_boxes"].flatten(0, 1)
+            ids = torch.cat([t["labels"] for t in tgts])
+            tb = torch.cat([t["boxes"] for t in tgts])
+            if focal:
+                p = logits.sigmoid()
+                neg = 0.75 * p ** 2 * -(1 - p + 1e-8).log()
+                pos = 0.25 * (1 - p) ** 2 * -(p + 1e-8).log()
+                c_cls = pos[:, ids] - neg[:, ids]
+            else:
+                c_cls = -logits.softmax(-1)[:, ids]
+            c = (cfg.bbox_cost * torch.cdist(boxes, tb, p=1) + cfg.class_cost * c_cls
+                 - cfg.giou_cost * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
+                                                       box_convert(tb, "cxcywh", "xyxy")))
+            c = c.view(batch, queries, -1)
+            sizes = [len(t["boxes"]) for t in tgts]
+            return [linear_sum_assignment(m[i]) for i, m in enumerate(c.split(sizes, -1))]
+
+        with torch.no_grad():
+            base = time_it(flattened, torch.device("cpu"), repeat)
+            mine = time_it(lambda: ours(outputs, tgts), torch.device("cpu"), repeat)
+        rows.append({"class_cost": "focal" if focal else "softmax", "official_s": base,
+                     "qdet_s": mine, "speedup": base / mine})
+    return rows

@@ -117,11 +117,17 @@ def _load_state(model: Detector, state: dict, source: str) -> None:
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Detector:
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", fast: bool = False
+         ) -> Detector:
     """Load a qdet or official release checkpoint as an eval-mode model on ``device``.
 
     Architecture and sizes come from the file: the stored config of a qdet checkpoint, or
     the key names and tensor shapes of an official one (plus its ``args`` when present).
+    ``fast=True`` returns the inference fast path (``qdet.fast``): same outputs, faster.
     """
-    model = model_from_checkpoint(read_checkpoint(path), str(path))
-    return model.to(device).eval()
+    model = model_from_checkpoint(read_checkpoint(path), str(path)).to(device).eval()
+    if fast:
+        from .fast import optimize_for_inference
+
+        model = optimize_for_inference(model)
+    return model

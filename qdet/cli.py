@@ -72,11 +72,11 @@ def find_weights(weights: Optional[Path]) -> Path:
     return run / "best.pt"
 
 
-def load_model(weights: Path, device: str):
+def load_model(weights: Path, device: str, fast: bool = True):
     from .checkpoint import CheckpointError, load
 
     try:
-        return load(weights, device=device)
+        return load(weights, device=device, fast=fast)
     except (CheckpointError, ValueError) as e:
         fail(str(e))
 
@@ -112,6 +112,9 @@ def train(
                                                   "shapes without --data, paper with.")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the "
                                           "transformer.")] = False,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast "
+                                                 "and channels_last (default: the preset's)."
+                                                 )] = None,
     backbone_weights: Annotated[Optional[Path], typer.Option(
         help="Local torchvision ResNet state dict to start the backbone from.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
@@ -131,6 +134,8 @@ def train(
             train_o[key] = value
     if compile:
         train_o["compile"] = True
+    if bf16 is not None:
+        train_o["bf16"] = train_o["channels_last"] = bf16
     if preset not in (None, "shapes", "paper"):
         fail(f"--preset must be 'shapes' or 'paper', got {preset!r}")
     try:
@@ -155,6 +160,8 @@ def eval_(
     out: Annotated[Optional[Path], typer.Option(help="Where to write the COCO results "
                                                 "JSON.")] = None,
     device: Device = None,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (faster on CPUs "
+                                       "with AVX-512 BF16 and on GPUs).")] = False,
 ):
     """COCO bbox metrics (AP, AP50, AP75, APs/m/l, AR@100) of a checkpoint on a dataset."""
     from .checkpoint import read_checkpoint
@@ -181,7 +188,7 @@ def eval_(
     except DataError as e:
         fail(str(e))
     results = predict_dataset(model, dataset, next(model.parameters()).device, batch_size,
-                              workers)
+                              workers, bf16=bf16)
     stats = coco_stats(dataset, results)
     console.print(stats_table(stats, f"{weights.name}: COCO bbox ({len(dataset)} images)"))
     out = out or weights.with_name(weights.stem + "_results.json")
@@ -198,6 +205,7 @@ def predict(
     out: Annotated[Path, typer.Option(help="Folder for the drawn images and "
                                       "predictions.json.")] = Path("predictions"),
     device: Device = None,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast.")] = False,
 ):
     """Detect objects in images: draws boxes, prints a table, writes JSON."""
     from .data import DataError, load_image
@@ -208,7 +216,7 @@ def predict(
             fail(f"image {p} not found")
     model = load_model(find_weights(weights), pick_device(device))
     try:
-        results = predict_files(model, image, threshold)
+        results = predict_files(model, image, threshold, bf16=bf16)
     except DataError as e:
         fail(str(e))
     out.mkdir(parents=True, exist_ok=True)
@@ -353,6 +361,82 @@ def bench_deform_attn_cmd(
     console.print(table)
     console.print("x: speed-up over the torch reference (higher is better); memory x: peak "
                   "memory of forward+backward relative to it (lower is better)")
+
+
+@bench_app.command("models")
+def bench_models_cmd(
+    arch: Annotated[Optional[list[str]], typer.Option("--arch", "-a", help="Architecture(s) "
+                                                      "to measure (repeatable); default: all.")] = None,
+    device: Device = None,
+    size: Annotated[str, typer.Option(help="Inference input HxW.")] = "800x1066",
+    batch: Annotated[int, typer.Option(help="Inference batch size.")] = 1,
+    repeat: Annotated[int, typer.Option(help="Timed runs per measurement (median).")] = 3,
+    train: Annotated[bool, typer.Option(help="Also time a training step of the built-in "
+                                        "preset (batch 16, 128 px).")] = True,
+    compile: Annotated[bool, typer.Option("--compile", help="Compile the transformer in the "
+                                          "fast path.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+):
+    """Inference latency (paper configuration, random weights) of the eager model, the fast
+    path and the fast path in bfloat16, and training step time eager vs bf16+channels_last,
+    with peak memory; ratios against eager measured in the same run."""
+    from .bench import (bench_inference, bench_training, ensure_fixed_mmap_threshold,
+                        machine_description)
+
+    ensure_fixed_mmap_threshold()
+    device = pick_device(device)
+    try:
+        h, w = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        fail(f"--size must look like 800x1066, got {size!r}")
+    names = arch or list(ARCHS)
+    for name in names:
+        if name not in ARCHS:
+            fail(f"unknown architecture {name!r}; choose from {', '.join(ARCHS)}")
+    infer, trains = [], []
+    for name in names:
+        infer += bench_inference(name, device, (h, w), batch, repeat, compile=compile)
+        if train:
+            trains += bench_training(name, device, repeat=repeat)
+    machine = machine_description(device)
+    if as_json:
+        console.print_json(json.dumps({"machine": machine, "inference": infer,
+                                       "training": trains}))
+        return
+    table = Table(title=f"inference at {h}x{w}, batch {batch}, {machine}")
+    for col in ("arch", "mode", "ms", "img/s", "speed x", "peak MiB", "max |diff|"):
+        table.add_column(col, justify="right")
+    for r in infer:
+        table.add_row(r["arch"], r["mode"], f"{r['seconds'] * 1e3:.0f}",
+                      f"{r['images_per_s']:.2f}", f"{r['speedup']:.2f}", f"{r['peak_mib']:.0f}",
+                      f"{r['max_abs_diff']:.1e}")
+    console.print(table)
+    if trains:
+        table = Table(title=f"training step, built-in preset, batch 16 at 128 px, {machine}")
+        for col in ("arch", "mode", "ms", "img/s", "speed x", "peak MiB"):
+            table.add_column(col, justify="right")
+        for r in trains:
+            table.add_row(r["arch"], r["mode"], f"{r['seconds'] * 1e3:.0f}",
+                          f"{r['images_per_s']:.1f}", f"{r['speedup']:.2f}", f"{r['peak_mib']:.0f}")
+        console.print(table)
+
+
+@bench_app.command("matcher")
+def bench_matcher_cmd(
+    batch: Annotated[int, typer.Option(help="Images.")] = 32,
+    queries: Annotated[int, typer.Option(help="Queries per image.")] = 300,
+    targets: Annotated[int, typer.Option(help="Targets per image.")] = 20,
+):
+    """Hungarian matcher: qdet's batched cost against the official flattened formulation."""
+    from .bench import bench_matcher
+
+    table = Table(title=f"matcher, batch {batch}, {queries} queries, {targets} targets/image")
+    for col in ("class cost", "official ms", "qdet ms", "speed x"):
+        table.add_column(col, justify="right")
+    for r in bench_matcher(batch, queries, targets):
+        table.add_row(r["class_cost"], f"{r['official_s'] * 1e3:.1f}", f"{r['qdet_s'] * 1e3:.1f}",
+                      f"{r['speedup']:.2f}")
+    console.print(table)
 
 
 @bench_app.command("rcda")

@@ -145,7 +145,8 @@ def _shard(dataset, rank: int, world: int):
 
 @torch.no_grad()
 def predict_dataset(model: Detector, dataset: DetectionDataset, device, batch_size: int = 8,
-                    num_workers: int = 0, show_progress: bool = True) -> list[dict]:
+                    num_workers: int = 0, show_progress: bool = True,
+                    bf16: bool = False) -> list[dict]:
     """COCO-style results (original image and category ids, xywh boxes) for a dataset;
     under torchrun each rank runs its share and rank 0 receives all."""
     model.eval()
@@ -159,7 +160,8 @@ def predict_dataset(model: Detector, dataset: DetectionDataset, device, batch_si
         task = bar.add_task("eval", total=len(loader), info="")
         for images, targets in loader:
             images = [im.to(device) for im in images]
-            outputs = model(images)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                outputs = model(images)
             sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
             for t, det in zip(targets, postprocess(outputs, sizes, net.focal)):
                 for s, lab, (x0, y0, x1, y1) in zip(det["scores"].tolist(), det["labels"].tolist(),
@@ -190,9 +192,10 @@ def coco_stats(dataset: DetectionDataset, results: list[dict]) -> dict[str, floa
 
 
 def evaluate(model: Detector, dataset: DetectionDataset, device, batch_size: int = 8,
-             num_workers: int = 0, show_progress: bool = True):
+             num_workers: int = 0, show_progress: bool = True, bf16: bool = False):
     """Returns ``(stats, results)``; stats are only meaningful on rank 0."""
-    results = predict_dataset(model, dataset, device, batch_size, num_workers, show_progress)
+    results = predict_dataset(model, dataset, device, batch_size, num_workers, show_progress,
+                              bf16)
     stats = coco_stats(dataset, results) if is_main() else {}
     return stats, results
 
@@ -296,7 +299,7 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
                    "world_size": world, "train_seconds": time.time() - t0}
         if val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             stats, _ = evaluate(net, val_set, device, batch_size=cfg.batch_size,
-                                num_workers=cfg.num_workers)
+                                num_workers=cfg.num_workers, bf16=cfg.bf16)
             metrics.update(stats)
         state.epoch = epoch + 1
         if rank == 0:

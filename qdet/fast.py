@@ -1,7 +1,7 @@
 """The inference fast path: the same outputs as the eager model, computed faster.
 
-- Frozen BatchNorms are folded into the convolutions before them (torch's
-  ``fuse_conv_bn_weights``), which removes one pass over every backbone feature map.
+- Batch norms (frozen, or trainable ones in eval mode) are folded into the convolutions
+  before them (torch's ``fuse_conv_bn_weights``): one pass less over every feature map.
 - The backbone runs in channels_last memory format (NHWC), which oneDNN's CPU convolutions
   and cuDNN's tensor-core kernels prefer.
 - Optionally the transformer is compiled with torch.compile (``compile=True``); measure with
@@ -21,15 +21,16 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from .base import Detector
 
 
-def fold_frozen_bn(module: nn.Module) -> int:
-    """Fold every FrozenBatchNorm2d that directly follows a bias-free convolution in the same
-    parent (torchvision ResNet's conv1/bn1, convK/bnK, downsample.0/.1) into that
-    convolution; returns how many were folded. Trainable BatchNorms are left alone."""
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every batch norm (frozen, or trainable used in eval mode) that directly follows a
+    convolution in the same parent (torchvision ResNet's conv1/bn1, convK/bnK,
+    downsample.0/.1) into that convolution; returns how many were folded. Only for
+    inference: a folded model must not be trained."""
     folded = 0
     for parent in list(module.modules()):
         children = list(parent.named_children())
         for (name_c, conv), (name_b, bn) in zip(children, children[1:]):
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, (FrozenBatchNorm2d, nn.BatchNorm2d)):
                 w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean,
                                             bn.running_var, bn.eps, bn.weight, bn.bias)
                 fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
@@ -49,7 +50,7 @@ def optimize_for_inference(model: Detector, compile: bool = False) -> Detector:
     Modifies and returns ``model`` (eval mode); its outputs equal the eager model's to
     float32 precision."""
     model.eval()
-    fold_frozen_bn(model)
+    fold_batchnorm(model)
     for m in model.modules():
         if m.__class__.__name__ == "Backbone":
             m.to(memory_format=torch.channels_last)

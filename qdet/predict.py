@@ -22,9 +22,9 @@ def preprocess(img: Image.Image, size: int, max_size: int | None) -> torch.Tenso
     return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def detect(model: Detector, images: list[Image.Image], threshold: float = 0.5,
-           batch_size: int = 4) -> list[list[dict]]:
+           batch_size: int = 4, bf16: bool = False) -> list[list[dict]]:
     """Detections above ``threshold`` for PIL images, in their own pixel coordinates."""
     device = next(model.parameters()).device
     size, max_size = model.preprocess["size"], model.preprocess["max_size"]
@@ -33,7 +33,9 @@ def detect(model: Detector, images: list[Image.Image], threshold: float = 0.5,
         chunk = images[i:i + batch_size]
         xs = [preprocess(im, size, max_size).to(device) for im in chunk]
         sizes = torch.tensor([[im.height, im.width] for im in chunk], device=device)
-        for det in postprocess(model(xs), sizes, model.focal):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            outputs = model(xs)
+        for det in postprocess(outputs, sizes, model.focal):
             keep = det["scores"] >= threshold
             order = det["scores"][keep].argsort(descending=True)
             results.append([
@@ -45,12 +47,13 @@ def detect(model: Detector, images: list[Image.Image], threshold: float = 0.5,
     return results
 
 
-def predict_files(model: Detector, paths: list[Path], threshold: float = 0.5) -> list[dict]:
+def predict_files(model: Detector, paths: list[Path], threshold: float = 0.5,
+                  bf16: bool = False) -> list[dict]:
     """Run the model on image files; one dict per image with its detections."""
     out = []
     for path in paths:
         img = load_image(Path(path))
-        dets = detect(model, [img], threshold)[0]
+        dets = detect(model, [img], threshold, bf16=bf16)[0]
         out.append({"image": str(path), "width": img.width, "height": img.height,
                     "detections": dets})
     return out
