@@ -113,8 +113,8 @@ def train(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the "
                                           "transformer.")] = False,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast "
-                                                 "and channels_last (default: the preset's)."
-                                                 )] = None,
+                                                 "(default: the preset's; built-in presets use "
+                                                 "it where the hardware supports it).")] = None,
     backbone_weights: Annotated[Optional[Path], typer.Option(
         help="Local torchvision ResNet state dict to start the backbone from.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
@@ -135,7 +135,7 @@ def train(
     if compile:
         train_o["compile"] = True
     if bf16 is not None:
-        train_o["bf16"] = train_o["channels_last"] = bf16
+        train_o["precision"] = "bf16" if bf16 else "fp32"
     if preset not in (None, "shapes", "paper"):
         fail(f"--preset must be 'shapes' or 'paper', got {preset!r}")
     try:

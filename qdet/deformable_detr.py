@@ -403,5 +403,6 @@ SHAPES = dict(
     train=dict(lr=2e-4, lr_backbone=2e-4, lr_slow_names=("reference_points",
                                                          "sampling_offsets"),
                lr_slow_mult=0.1, weight_decay=1e-4, batch_size=16, epochs=8,
-               schedule="cosine", warmup_steps=100, clip_max_norm=0.1),
+               schedule="cosine", warmup_steps=100, clip_max_norm=0.1, precision="auto",
+               channels_last=True),
 )

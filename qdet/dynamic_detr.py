@@ -179,5 +179,6 @@ SHAPES = dict(
                num_levels=3, enc_blocks=2, num_queries=20, dec_layers=3, nheads=8,
                dim_feedforward=512, dim_dynamic=32),
     train=dict(lr=2e-4, lr_backbone=2e-4, weight_decay=1e-4, batch_size=16, epochs=8,
-               schedule="cosine", warmup_steps=100, clip_max_norm=1.0),
+               schedule="cosine", warmup_steps=100, clip_max_norm=1.0, precision="auto",
+               channels_last=True),
 )

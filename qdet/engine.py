@@ -58,8 +58,9 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 1
     compile: bool = False
-    bf16: bool = False                  # bfloat16 autocast for the forward pass (CPU and GPU)
-    channels_last: bool = False         # NHWC convolutions (faster on CPU with bf16)
+    precision: str = "fp32"             # "fp32", "bf16" (autocast), or "auto": bf16 where
+                                        # the hardware has it (AVX-512 BF16 CPUs, recent GPUs)
+    channels_last: bool = False         # NHWC convolutions (faster on CPU)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)  # the built-in data, if used
 
@@ -121,6 +122,22 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
             return warm * 0.1 ** sum(step >= e * steps_per_epoch for e in cfg.lr_drops)
         raise ValueError(f"unknown schedule {cfg.schedule!r} (use 'step' or 'cosine')")
     return factor
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether bfloat16 runs natively (else autocast would emulate it, slowly)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # older torch: no cheap way to know
+        return False
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {cfg.precision!r}")
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_native(device))
 
 
 def to_device(images, targets, device):
@@ -243,6 +260,7 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         state = RunState(epoch=resume["epoch"], best_ap=resume.get("best_ap", -1.0))
+    bf16 = use_bf16(cfg, device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -269,7 +287,7 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="")
             for step, (images, targets) in enumerate(loader):
                 images, targets = to_device(images, targets, device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     outputs = net(images)
                 losses = criterion(outputs, targets)  # in float32
                 loss = criterion.weighted(losses)
@@ -296,10 +314,10 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
                            f"{n / max(time.time() - t0, 1e-9):.2f} it/s")
         metrics = {"epoch": epoch + 1, **{k: v / max(len(loader), 1) for k, v in sums.items()},
                    "lr": optimizer.param_groups[0]["lr"], "steps": len(loader),
-                   "world_size": world, "train_seconds": time.time() - t0}
+                   "world_size": world, "bf16": bf16, "train_seconds": time.time() - t0}
         if val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             stats, _ = evaluate(net, val_set, device, batch_size=cfg.batch_size,
-                                num_workers=cfg.num_workers, bf16=cfg.bf16)
+                                num_workers=cfg.num_workers, bf16=bf16)
             metrics.update(stats)
         state.epoch = epoch + 1
         if rank == 0:
