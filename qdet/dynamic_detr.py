@@ -103,6 +103,12 @@ class EncoderBlock(nn.Module):
                                         nn.Hardsigmoid())
         self.dyrelu = DyReLU(d)
 
+    def deform(self, role: int, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
+        """torchvision's deformable convolution, in float32 under autocast (its CPU kernel
+        has no bfloat16 version)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.dcn[role](x.float(), offset.float(), mask.float())
+
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         out = []
         for lvl, x in enumerate(feats):
@@ -118,7 +124,7 @@ class EncoderBlock(nn.Module):
                 if src.shape[-2:] != x.shape[-2:]:
                     src = F.interpolate(src, size=x.shape[-2:], mode="bilinear",
                                         align_corners=False)
-                t = self.norm[role](self.dcn[role](src, offset, mask))
+                t = self.norm[role](self.deform(role, src, offset, mask))
                 terms.append(t * self.scale_attn(t))
             out.append(self.dyrelu(torch.stack(terms).mean(0)))
         return out

@@ -46,6 +46,8 @@ def test_decoder_shares_sparse_rcnns_dynamic_interaction_over_p3_p7():
     heads = model.head.head_series
     assert len(heads) == 2 and all(isinstance(h.inst_interact, DynamicConv) for h in heads)
     assert heads[0].first_level == 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # the deformable conv runs in float32
+        assert torch.isfinite(model(random_images([(64, 64)]))["pred_boxes"]).all()
     out = model(random_images([(128, 128)]))
     assert out["pred_boxes"].shape == (1, 6, 4) and len(out["aux_outputs"]) == 1
     assert torch.equal(model.init_proposal_boxes.weight[0], torch.tensor([.5, .5, 1., 1.]))
