@@ -147,11 +147,19 @@ def ensure_fixed_mmap_threshold() -> None:
         os.execve(sys.executable, [sys.executable, "-m", "qdet", *sys.argv[1:]], env)
 
 
+def _materializing(forward):
+    def wrapped(*args, **kwargs):
+        kwargs.update(need_weights=True, average_attn_weights=False)
+        return forward(*args, **kwargs)
+    return wrapped
+
+
 def bench_rcda(device: str = "cpu", repeat: int = 3, size: tuple[int, int] = (50, 75),
                batch: int = 1, queries: int = 900, backward: bool = True) -> list[dict]:
-    """Anchor DETR's row-column decoupled attention against standard attention, for the
-    encoder's self-attention (every cell a query) and the decoder's cross-attention
-    (``queries`` queries), at a DC5-sized map (800x1200 input at stride 16: 50x75)."""
+    """Anchor DETR's row-column decoupled attention against standard attention (PyTorch's
+    fused kernel, and one that materializes the attention weights), for the encoder's
+    self-attention (every cell a query) and the decoder's cross-attention (``queries``
+    queries), at a DC5-sized map (800x1200 input at stride 16: 50x75)."""
     from .anchor_detr import Config, DecoderLayer, EncoderLayer, axis_positions, sine_1d
     from .position_encoding import sine_embed_points
 
@@ -159,10 +167,15 @@ def bench_rcda(device: str = "cpu", repeat: int = 3, size: tuple[int, int] = (50
     h, w = size
     g = torch.Generator().manual_seed(0)
     rows = []
-    for attention in ("standard", "rcda"):
-        cfg = Config(attention=attention)
+    for attention in ("standard", "standard, weights materialized", "rcda"):
+        cfg = Config(attention="rcda" if attention == "rcda" else "standard")
         d = cfg.d_model
         enc, dec = EncoderLayer(cfg).to(dev), DecoderLayer(cfg).to(dev)
+        if attention.endswith("materialized"):
+            # as attention was computed in 2021 (and with need_weights=True today): the
+            # [heads, Nq, H*W] weights exist in memory, which RCDA was designed to avoid
+            for mha in (enc.self_attn, dec.cross_attn):
+                mha.forward = _materializing(mha.forward)
         src = torch.randn(batch, h, w, d, generator=g).to(dev)
         mask = torch.zeros(batch, h, w, dtype=torch.bool, device=dev)
         y, x = axis_positions(mask)

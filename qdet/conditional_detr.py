@@ -236,7 +236,7 @@ SHAPES = dict(
     model=dict(backbone="resnet18", backbone_layer=3, frozen_bn=False, backbone_trainable=5,
                d_model=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
                dropout=0.0, num_queries=20),
-    train=dict(lr=2e-4, lr_backbone=2e-4, weight_decay=1e-4, batch_size=16, epochs=8,
+    train=dict(lr=2e-4, lr_backbone=2e-4, weight_decay=1e-4, batch_size=16, epochs=10,
                schedule="cosine", warmup_steps=100, clip_max_norm=0.1, precision="auto",
                channels_last=True),
 )

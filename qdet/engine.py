@@ -111,6 +111,15 @@ def param_groups(model: Detector, cfg: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def make_optimizer(model: Detector, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel where this torch has it for the device (else foreach)."""
+    groups = param_groups(model, cfg)
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+
+
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     total = max(cfg.epochs * steps_per_epoch, 1)
 
@@ -249,8 +258,7 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
     model.preprocess = {"size": cfg.augment.eval_size, "max_size": cfg.augment.max_size}
     model.to(device)
     criterion = SetCriterion(model.config.num_classes, model.config.loss).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True) if world > 1 else None
     steps_per_epoch = max(len(train_set) // (cfg.batch_size * world), 1)

@@ -186,3 +186,30 @@ def test_cli_match_debug_on_latest_run(trained_run, monkeypatch):
     assert r.exit_code == 0 and "Hungarian matching (softmax class cost" in r.output
     r = runner.invoke(app, ["match-debug", "--index", "99"])
     assert r.exit_code == 1 and "out of range" in r.output
+
+
+def test_two_stage_deformable_trains_with_encoder_loss(tmp_path):
+    res = fit("deformable", out=str(tmp_path / "two"), device="cpu",
+              model_overrides={**{k: v for k, v in TINY["deformable"].items()
+                                  if k != "num_classes"},
+                               "with_box_refine": True, "two_stage": True},
+              train_overrides={**TINY_TRAIN, "epochs": 1})
+    assert res["metrics"]["loss_enc"] > 0
+
+
+def test_trains_on_coco_json(tmp_path):
+    """COCO-format data written by `qdet data shapes`, category ids 1..5, through --data."""
+    from qdet.shapes import ShapesConfig, write_coco
+
+    files = write_coco(ShapesConfig(image_size=64, train_images=8, val_images=4), tmp_path)
+    res = fit("detr", data=str(files["train"]), images=str(tmp_path / "train"),
+              val_data=str(files["val"]), val_images=str(tmp_path / "val"),
+              out=str(tmp_path / "run"), device="cpu",
+              model_overrides={k: v for k, v in TINY["detr"].items() if k != "num_classes"},
+              train_overrides={"epochs": 1, "batch_size": 4, "num_workers": 0,
+                               "augment.train_scales": (64,), "augment.max_size": 96,
+                               "augment.crop": False, "augment.eval_size": 64})
+    assert "AP" in res["metrics"]
+    model = qdet.load(tmp_path / "run" / "best.pt")
+    assert model.category_ids == [1, 2, 3, 4, 5] and model.class_names[0] == "rectangle"
+    assert model.preprocess == {"size": 64, "max_size": 96}
