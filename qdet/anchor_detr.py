@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import Backbone
+from .backbone import FROM_SCRATCH, Backbone
 from .base import MLP, Detector, aux_list, batch_images, box_from_reference
 from .detr import count_layers, official_dilation, resnet_from_keys
-from .matcher import LossConfig
+from .engine import SHAPES_TRAIN
+from .matcher import LossConfig, loss_from_args
 from .position_encoding import sine_embed_points
 
 
@@ -299,13 +300,7 @@ def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
         num_patterns=sd["transformer.pattern.weight"].shape[0],
         spatial_prior="learned" if learned else "grid",
         attention="rcda" if rcda else "standard",
-        loss=LossConfig(focal=True, class_cost=args.get("set_cost_class", 2.0),
-                        bbox_cost=args.get("set_cost_bbox", 5.0),
-                        giou_cost=args.get("set_cost_giou", 2.0),
-                        class_weight=args.get("cls_loss_coef", 2.0),
-                        bbox_weight=args.get("bbox_loss_coef", 5.0),
-                        giou_weight=args.get("giou_loss_coef", 2.0),
-                        focal_alpha=args.get("focal_alpha", 0.25)))
+        loss=loss_from_args(args, focal=True))
     state = {k: v for k, v in sd.items() if not k.endswith(("total_params", "total_ops"))}
     return cfg, state
 
@@ -317,10 +312,7 @@ PAPER = dict(train=dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, batch_size
                         epochs=50, lr_drops=(40,), clip_max_norm=0.1))
 
 SHAPES = dict(
-    model=dict(backbone="resnet18", backbone_layer=3, frozen_bn=False, backbone_trainable=5,
-               d_model=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
-               num_anchors=10, num_patterns=2),
-    train=dict(lr=2e-4, lr_backbone=2e-4, weight_decay=1e-4, batch_size=16, epochs=8,
-               schedule="cosine", warmup_steps=100, clip_max_norm=0.1, precision="auto",
-               channels_last=True),
+    model=dict(**FROM_SCRATCH, backbone_layer=3, d_model=128, nheads=8, enc_layers=3, dec_layers=3,
+               dim_feedforward=512, num_anchors=10, num_patterns=2),
+    train=dict(SHAPES_TRAIN),
 )

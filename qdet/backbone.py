@@ -22,6 +22,11 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 _STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
 
 
+# The backbone part of every built-in-data preset: no pretrained weights, so ordinary
+# BatchNorm and every stage trained (habits for pretrained backbones do not fit here).
+FROM_SCRATCH = dict(backbone="resnet18", frozen_bn=False, backbone_trainable=5)
+
+
 def resnet_channels(name: str) -> list[int]:
     """Output channels of layer1..layer4."""
     if name in ("resnet18", "resnet34"):

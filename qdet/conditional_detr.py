@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import Backbone
+from .backbone import FROM_SCRATCH, Backbone
 from .base import MLP, Detector, aux_list, batch_images, box_from_reference
 from .detr import Encoder, count_layers, official_dilation, resnet_from_keys
-from .matcher import LossConfig
+from .engine import SHAPES_TRAIN
+from .matcher import LossConfig, loss_from_args
 from .position_encoding import sine_embed_points, sine_position_embedding
 
 
@@ -216,13 +217,7 @@ def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
         dec_layers=count_layers(sd, "transformer.decoder.layers."),
         dim_feedforward=sd["transformer.encoder.layers.0.linear1.weight"].shape[0],
         num_queries=sd["query_embed.weight"].shape[0],
-        loss=LossConfig(focal=True, class_cost=args.get("set_cost_class", 2.0),
-                        bbox_cost=args.get("set_cost_bbox", 5.0),
-                        giou_cost=args.get("set_cost_giou", 2.0),
-                        class_weight=args.get("cls_loss_coef", 2.0),
-                        bbox_weight=args.get("bbox_loss_coef", 5.0),
-                        giou_weight=args.get("giou_loss_coef", 2.0),
-                        focal_alpha=args.get("focal_alpha", 0.25)))
+        loss=loss_from_args(args, focal=True))
     return cfg, {re.sub(r"^backbone\.0\.", "backbone.", k): v for k, v in sd.items()}
 
 
@@ -233,10 +228,7 @@ PAPER = dict(train=dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, batch_size
 
 # From scratch on the built-in shapes data in ~10 CPU minutes (the quickstart).
 SHAPES = dict(
-    model=dict(backbone="resnet18", backbone_layer=3, frozen_bn=False, backbone_trainable=5,
-               d_model=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
-               dropout=0.0, num_queries=20),
-    train=dict(lr=2e-4, lr_backbone=2e-4, weight_decay=1e-4, batch_size=16, epochs=10,
-               schedule="cosine", warmup_steps=100, clip_max_norm=0.1, precision="auto",
-               channels_last=True),
+    model=dict(**FROM_SCRATCH, backbone_layer=3, d_model=128, nheads=8, enc_layers=3, dec_layers=3,
+               dim_feedforward=512, dropout=0.0, num_queries=20),
+    train=dict(SHAPES_TRAIN, epochs=10),
 )

@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import Backbone
+from .backbone import FROM_SCRATCH, Backbone
 from .base import MLP, Detector, aux_list, batch_images, box_from_reference, resize_mask
 from .deform_attn import MSDeformAttn
 from .detr import count_layers, official_dilation, resnet_from_keys
-from .matcher import LossConfig
+from .engine import SHAPES_TRAIN
+from .matcher import LossConfig, loss_from_args
 from .position_encoding import sine_embed_points, sine_position_embedding
 
 
@@ -371,14 +372,7 @@ def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
         enc_n_points=points("transformer.encoder.layers.0.self_attn"),
         dec_n_points=points("transformer.decoder.layers.0.cross_attn"),
         num_queries=queries, with_box_refine=refine_, two_stage=two_stage,
-        loss=LossConfig(focal=True, class_cost=args.get("set_cost_class", 2.0),
-                        bbox_cost=args.get("set_cost_bbox", 5.0),
-                        giou_cost=args.get("set_cost_giou", 2.0),
-                        class_weight=args.get("cls_loss_coef", 2.0),
-                        bbox_weight=args.get("bbox_loss_coef", 5.0),
-                        giou_weight=args.get("giou_loss_coef", 2.0),
-                        focal_alpha=args.get("focal_alpha", 0.25),
-                        enc_class_agnostic=two_stage))
+        loss=loss_from_args(args, focal=True, enc_class_agnostic=two_stage))
     out = {}
     for k, v in sd.items():
         if re.match(r"transformer\.decoder\.(bbox|class)_embed\.", k):
@@ -397,12 +391,8 @@ PAPER = dict(train=dict(lr=2e-4, lr_backbone=2e-5, lr_slow_names=("reference_poi
                         lr_drops=(40,), clip_max_norm=0.1))
 
 SHAPES = dict(
-    model=dict(backbone="resnet18", frozen_bn=False, backbone_trainable=5,
-               num_feature_levels=3, d_model=128, nheads=8, enc_layers=3, dec_layers=3,
-               dim_feedforward=512, dropout=0.0, num_queries=20),
-    train=dict(lr=2e-4, lr_backbone=2e-4, lr_slow_names=("reference_points",
-                                                         "sampling_offsets"),
-               lr_slow_mult=0.1, weight_decay=1e-4, batch_size=16, epochs=8,
-               schedule="cosine", warmup_steps=100, clip_max_norm=0.1, precision="auto",
-               channels_last=True),
+    model=dict(**FROM_SCRATCH, num_feature_levels=3, d_model=128, nheads=8, enc_layers=3,
+               dec_layers=3, dim_feedforward=512, dropout=0.0, num_queries=20),
+    train=dict(SHAPES_TRAIN, lr_slow_names=("reference_points", "sampling_offsets"),
+               lr_slow_mult=0.1),
 )

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import Backbone
+from .backbone import FROM_SCRATCH, Backbone
 from .base import MLP, Detector, aux_list, batch_images
-from .matcher import LossConfig
+from .engine import SHAPES_TRAIN
+from .matcher import LossConfig, loss_from_args
 from .position_encoding import sine_position_embedding
 
 
@@ -247,12 +248,7 @@ def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
         dim_feedforward=sd["transformer.encoder.layers.0.linear1.weight"].shape[0],
         pre_norm="transformer.encoder.norm.weight" in sd,
         num_queries=sd["query_embed.weight"].shape[0],
-        loss=LossConfig(class_cost=args.get("set_cost_class", 1.0),
-                        bbox_cost=args.get("set_cost_bbox", 5.0),
-                        giou_cost=args.get("set_cost_giou", 2.0),
-                        bbox_weight=args.get("bbox_loss_coef", 5.0),
-                        giou_weight=args.get("giou_loss_coef", 2.0),
-                        eos_coef=args.get("eos_coef", 0.1)),
+        loss=loss_from_args(args, focal=False),
     )
     out = {re.sub(r"^backbone\.0\.", "backbone.", k): v for k, v in sd.items()}
     return cfg, out
@@ -266,10 +262,7 @@ PAPER = dict(train=dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, batch_size
 
 # From scratch on the built-in shapes data in ~10 CPU minutes: see README "Presets".
 SHAPES = dict(
-    model=dict(backbone="resnet18", backbone_layer=3, frozen_bn=False, backbone_trainable=5,
-               d_model=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
-               dropout=0.0, num_queries=20),
-    train=dict(lr=2e-4, lr_backbone=2e-4, weight_decay=1e-4, batch_size=16, epochs=10,
-               schedule="cosine", warmup_steps=100, clip_max_norm=0.1, precision="auto",
-               channels_last=True),
+    model=dict(**FROM_SCRATCH, backbone_layer=3, d_model=128, nheads=8, enc_layers=3, dec_layers=3,
+               dim_feedforward=512, dropout=0.0, num_queries=20),
+    train=dict(SHAPES_TRAIN, epochs=10),
 )

@@ -41,8 +41,9 @@ from torch import Tensor, nn
 from torchvision.ops import DeformConv2d, FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from .backbone import Backbone
+from .backbone import FROM_SCRATCH, Backbone
 from .base import Detector
+from .engine import SHAPES_TRAIN
 from .matcher import LossConfig
 from .sparse_rcnn import DynamicHead, decode_proposals, focal_loss_config, pad_for_pyramid
 
@@ -181,10 +182,7 @@ PAPER = dict(train=dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, batch_size
                         epochs=12, lr_drops=(11,), clip_max_norm=1.0, warmup_steps=1000))
 
 SHAPES = dict(
-    model=dict(backbone="resnet18", frozen_bn=False, backbone_trainable=5, d_model=128,
-               num_levels=3, enc_blocks=2, num_queries=20, dec_layers=3, nheads=8,
-               dim_feedforward=512, dim_dynamic=32),
-    train=dict(lr=2e-4, lr_backbone=2e-4, weight_decay=1e-4, batch_size=16, epochs=8,
-               schedule="cosine", warmup_steps=100, clip_max_norm=1.0, precision="auto",
-               channels_last=True),
+    model=dict(**FROM_SCRATCH, d_model=128, num_levels=3, enc_blocks=2, num_queries=20,
+               dec_layers=3, nheads=8, dim_feedforward=512, dim_dynamic=32),
+    train=dict(SHAPES_TRAIN, clip_max_norm=1.0),
 )

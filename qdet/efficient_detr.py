@@ -38,9 +38,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .backbone import FROM_SCRATCH
 from .base import MLP, Detector, aux_list, box_from_reference
 from .deformable_detr import (DeformableDETR, Decoder, Encoder, encoder_proposals,
                               focal_loss_config, valid_ratio)
+from .engine import SHAPES_TRAIN
 from .matcher import LossConfig
 from .position_encoding import sine_embed_points
 
@@ -166,12 +168,8 @@ PAPER = dict(train=dict(lr=2e-4, lr_backbone=2e-5, lr_slow_names=("reference_poi
                         lr_drops=(30,), clip_max_norm=0.1))
 
 SHAPES = dict(
-    model=dict(backbone="resnet18", frozen_bn=False, backbone_trainable=5,
-               num_feature_levels=3, d_model=128, nheads=8, enc_layers=3, dec_layers=1,
-               dim_feedforward=512, dropout=0.0, num_queries=20),
-    train=dict(lr=2e-4, lr_backbone=2e-4, lr_slow_names=("reference_points",
-                                                         "sampling_offsets"),
-               lr_slow_mult=0.1, weight_decay=1e-4, batch_size=16, epochs=8,
-               schedule="cosine", warmup_steps=100, clip_max_norm=0.1, precision="auto",
-               channels_last=True),
+    model=dict(**FROM_SCRATCH, num_feature_levels=3, d_model=128, nheads=8, enc_layers=3,
+               dec_layers=1, dim_feedforward=512, dropout=0.0, num_queries=20),
+    train=dict(SHAPES_TRAIN, lr_slow_names=("reference_points", "sampling_offsets"),
+               lr_slow_mult=0.1),
 )

@@ -31,6 +31,21 @@ class LossConfig:
     enc_class_agnostic: bool = False
 
 
+def loss_from_args(args: dict, focal: bool, **extra) -> LossConfig:
+    """The matcher and loss weights an official training script recorded in its ``args``
+    (DETR-family flag names), defaulting to those repositories' defaults."""
+    default_class = 2.0 if focal else 1.0
+    return LossConfig(focal=focal,
+                      class_cost=args.get("set_cost_class", default_class),
+                      bbox_cost=args.get("set_cost_bbox", 5.0),
+                      giou_cost=args.get("set_cost_giou", 2.0),
+                      class_weight=args.get("cls_loss_coef", default_class),
+                      bbox_weight=args.get("bbox_loss_coef", 5.0),
+                      giou_weight=args.get("giou_loss_coef", 2.0),
+                      eos_coef=args.get("eos_coef", 0.1),
+                      focal_alpha=args.get("focal_alpha", 0.25), **extra)
+
+
 @dataclass
 class CostMatrix:
     """Weighted cost terms ``[B,Q,T]`` for a batch whose targets are padded to ``T``."""

@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork, box_convert, roi_align
 
-from .backbone import Backbone
+from .backbone import FROM_SCRATCH, Backbone
 from .base import Detector, aux_list, batch_images
 from .detr import resnet_from_keys
+from .engine import SHAPES_TRAIN
 from .matcher import LossConfig
 
 
@@ -302,9 +303,7 @@ PAPER = dict(train=dict(lr=2.5e-5, lr_backbone=2.5e-5, weight_decay=1e-4, batch_
                         epochs=36, lr_drops=(27, 33), clip_max_norm=1.0, warmup_steps=1000))
 
 SHAPES = dict(
-    model=dict(backbone="resnet18", frozen_bn=False, backbone_trainable=5, d_model=128,
-               num_proposals=20, num_heads=3, nheads=8, dim_feedforward=512, dim_dynamic=32),
-    train=dict(lr=2e-4, lr_backbone=2e-4, weight_decay=1e-4, batch_size=16, epochs=8,
-               schedule="cosine", warmup_steps=100, clip_max_norm=1.0, precision="auto",
-               channels_last=True),
+    model=dict(**FROM_SCRATCH, d_model=128, num_proposals=20, num_heads=3, nheads=8,
+               dim_feedforward=512, dim_dynamic=32),
+    train=dict(SHAPES_TRAIN, clip_max_norm=1.0),
 )
