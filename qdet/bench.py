@@ -2,8 +2,8 @@
 measured in the same run. Not tests: numbers depend on the machine."""
 from __future__ import annotations
 
+import ctypes
 import gc
-import os
 import statistics
 import time
 from typing import Callable
@@ -22,12 +22,21 @@ def _proc_kib(field: str) -> int:
     return 0
 
 
+def _release_freed_memory() -> None:
+    """Hand memory that malloc keeps after free back to the OS, so that a later peak shows
+    in the resident size instead of hiding in reused pages (glibc only)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
     """Extra memory at the peak of ``fn()``: CUDA allocator peak on a GPU; on the CPU the
-    process's resident high-water mark (reset through /proc/self/clear_refs) above the
-    resident size before the call. Large CPU allocations are returned to the OS on free only
-    with a fixed mmap threshold, which ``qdet bench`` sets (MALLOC_MMAP_THRESHOLD_)."""
+    process's resident high-water mark (reset through /proc/self/clear_refs, Linux) above
+    the resident size before the call."""
     gc.collect()
+    _release_freed_memory()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -137,16 +146,6 @@ def machine_description(device: str = "cpu") -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def ensure_fixed_mmap_threshold() -> None:
-    """Re-run this ``qdet`` command with glibc's mmap threshold fixed, so freed CPU memory
-    leaves the process and peak-memory readings are not hidden by reuse."""
-    import sys
-
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform == "linux":
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        os.execve(sys.executable, [sys.executable, "-m", "qdet", *sys.argv[1:]], env)
-
-
 def _materializing(forward):
     def wrapped(*args, **kwargs):
         kwargs.update(need_weights=True, average_attn_weights=False)
@@ -216,7 +215,8 @@ def bench_inference(arch: str, device: str = "cpu", size: tuple[int, int] = (800
                     compile: bool = False) -> list[dict]:
     """Inference latency of ``arch`` with the paper's configuration (random weights) at
     ``size``: the plain eager model, the fast path (``qdet.fast``), and the fast path under
-    bfloat16 autocast; with peak memory and the largest output difference to eager."""
+    bfloat16 autocast; with peak memory and the largest output difference to eager,
+    relative to the eager output's magnitude."""
     import copy
 
     from .fast import optimize_for_inference
@@ -242,13 +242,14 @@ def bench_inference(arch: str, device: str = "cpu", size: tuple[int, int] = (800
         diff = 0.0
         if ref is None:
             ref = out
-        else:
-            diff = max((out[k].float() - ref[k].float()).abs().max().item()
+        else:  # relative to the eager output's magnitude
+            diff = max(((out[k].float() - ref[k].float()).abs().max()
+                        / ref[k].float().abs().max().clamp(min=1e-12)).item()
                        for k in ("pred_logits", "pred_boxes"))
         seconds = time_it(run, dev, repeat)
         rows.append({"arch": arch, "mode": mode, "seconds": seconds,
                      "images_per_s": batch / seconds, "peak_mib": peak_memory_mib(run, dev),
-                     "max_abs_diff": diff})
+                     "max_rel_diff": diff})
     for row in rows:
         row["speedup"] = rows[0]["seconds"] / row["seconds"]
     return rows

@@ -81,6 +81,31 @@ def load_model(weights: Path, device: str, fast: bool = True):
         fail(str(e))
 
 
+def eval_dataset(model, weights: Path, data: Optional[Path], images: Optional[Path],
+                 builtin_fallback: bool):
+    """The dataset to evaluate/debug on, preprocessed as the model expects: COCO JSON when
+    given, else the built-in validation split the checkpoint trained on (or the default
+    built-in split with ``builtin_fallback``)."""
+    from .checkpoint import read_checkpoint
+    from .data import AugmentConfig, CocoDataset, DataError, ShapesDataset
+    from .shapes import ShapesConfig
+
+    aug = AugmentConfig(eval_size=model.preprocess["size"], max_size=model.preprocess["max_size"])
+    try:
+        if data is not None:
+            if images is None:
+                fail("--data needs --images (the folder its file_name fields are in)")
+            return CocoDataset(data, images, aug, train=False)
+        ckpt = read_checkpoint(weights)
+        shapes_cfg = ckpt.get("train", {}).get("shapes")
+        if ckpt.get("data", {}).get("kind") != "shapes" and not builtin_fallback:
+            fail("this checkpoint was not trained on built-in data: pass --data ANN.json "
+                 "--images DIR")
+        return ShapesDataset("val", ShapesConfig(**(shapes_cfg or {})), aug, train=False)
+    except DataError as e:
+        fail(str(e))
+
+
 Arch = Annotated[str, typer.Option("--arch", "-a",
                                    help=f"Architecture: {', '.join(ARCHS)}.")]
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N; default: CUDA when "
@@ -143,7 +168,7 @@ def train(
                      val_data and str(val_data), val_images and str(val_images),
                      out and str(out), resume, pick_device(device), preset, model_o, train_o,
                      backbone_weights and str(backbone_weights))
-    except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (DataError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
         fail(str(e))
     console.print(f"run saved in {result['out']} (best.pt, last.pt, metrics.jsonl)")
 
@@ -164,29 +189,12 @@ def eval_(
                                        "with AVX-512 BF16 and on GPUs).")] = False,
 ):
     """COCO bbox metrics (AP, AP50, AP75, APs/m/l, AR@100) of a checkpoint on a dataset."""
-    from .checkpoint import read_checkpoint
-    from .data import AugmentConfig, CocoDataset, DataError, ShapesDataset
     from .engine import coco_stats, predict_dataset, stats_table
-    from .shapes import ShapesConfig
 
     if not weights.is_file():
         fail(f"weights file {weights} not found")
     model = load_model(weights, pick_device(device))
-    aug = AugmentConfig(eval_size=model.preprocess["size"], max_size=model.preprocess["max_size"])
-    try:
-        if data is not None:
-            if images is None:
-                fail("--data needs --images (the folder its file_name fields are in)")
-            dataset = CocoDataset(data, images, aug, train=False)
-        else:
-            ckpt = read_checkpoint(weights)
-            if ckpt.get("data", {}).get("kind") != "shapes":
-                fail("this checkpoint was not trained on built-in data: pass --data ANN.json "
-                     "--images DIR")
-            shapes_cfg = ShapesConfig(**ckpt["train"]["shapes"])
-            dataset = ShapesDataset("val", shapes_cfg, aug, train=False)
-    except DataError as e:
-        fail(str(e))
+    dataset = eval_dataset(model, weights, data, images, builtin_fallback=False)
     results = predict_dataset(model, dataset, next(model.parameters()).device, batch_size,
                               workers, bf16=bf16)
     stats = coco_stats(dataset, results)
@@ -282,24 +290,11 @@ def match_debug_cmd(
     and how often it changes; likely duplicate predictions."""
     import torch
 
-    from .checkpoint import read_checkpoint
-    from .data import AugmentConfig, CocoDataset, DataError, ShapesDataset
     from .match_debug import debug_image, draw, render, to_json
-    from .shapes import ShapesConfig
 
     path = find_weights(weights)
     model = load_model(path, pick_device(device))
-    aug = AugmentConfig(eval_size=model.preprocess["size"], max_size=model.preprocess["max_size"])
-    try:
-        if data is not None:
-            if images is None:
-                fail("--data needs --images (the folder its file_name fields are in)")
-            dataset = CocoDataset(data, images, aug, train=False)
-        else:
-            shapes_cfg = read_checkpoint(path).get("train", {}).get("shapes")
-            dataset = ShapesDataset("val", ShapesConfig(**(shapes_cfg or {})), aug, train=False)
-    except DataError as e:
-        fail(str(e))
+    dataset = eval_dataset(model, path, data, images, builtin_fallback=True)
     if image_id is not None:
         ids = [im["id"] for im in dataset.images] if hasattr(dataset, "images") \
             else list(range(len(dataset)))
@@ -340,9 +335,8 @@ def bench_deform_attn_cmd(
 ):
     """Multi-scale deformable attention: each backend against the torch reference at
     Deformable DETR's encoder (queries = all pixels) and decoder (300 queries) shapes."""
-    from .bench import bench_deform_attn, ensure_fixed_mmap_threshold, machine_description
+    from .bench import bench_deform_attn, machine_description
 
-    ensure_fixed_mmap_threshold()
     device = pick_device(device)
     rows = bench_deform_attn(device, repeat)
     if as_json:
@@ -380,10 +374,8 @@ def bench_models_cmd(
     """Inference latency (paper configuration, random weights) of the eager model, the fast
     path and the fast path in bfloat16, and training step time eager vs bf16+channels_last,
     with peak memory; ratios against eager measured in the same run."""
-    from .bench import (bench_inference, bench_training, ensure_fixed_mmap_threshold,
-                        machine_description)
+    from .bench import bench_inference, bench_training, machine_description
 
-    ensure_fixed_mmap_threshold()
     device = pick_device(device)
     try:
         h, w = (int(v) for v in size.lower().split("x"))
@@ -404,12 +396,12 @@ def bench_models_cmd(
                                        "training": trains}))
         return
     table = Table(title=f"inference at {h}x{w}, batch {batch}, {machine}")
-    for col in ("arch", "mode", "ms", "img/s", "speed x", "peak MiB", "max |diff|"):
+    for col in ("arch", "mode", "ms", "img/s", "speed x", "peak MiB", "max rel diff"):
         table.add_column(col, justify="right")
     for r in infer:
         table.add_row(r["arch"], r["mode"], f"{r['seconds'] * 1e3:.0f}",
                       f"{r['images_per_s']:.2f}", f"{r['speedup']:.2f}", f"{r['peak_mib']:.0f}",
-                      f"{r['max_abs_diff']:.1e}")
+                      f"{r['max_rel_diff']:.1e}")
     console.print(table)
     if trains:
         table = Table(title=f"training step, built-in preset, batch 16 at 128 px, {machine}")
@@ -450,9 +442,8 @@ def bench_rcda_cmd(
     """Anchor DETR: row-column decoupled attention vs standard attention, time and peak
     memory of forward+backward for one encoder and one decoder layer (d 256, 8 heads, 900
     queries) at a DC5-sized feature map, the paper's reason for RCDA."""
-    from .bench import bench_rcda, ensure_fixed_mmap_threshold, machine_description
+    from .bench import bench_rcda, machine_description
 
-    ensure_fixed_mmap_threshold()
     device = pick_device(device)
     rows = bench_rcda(device, repeat, (height, width))
     if as_json:

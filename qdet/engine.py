@@ -317,12 +317,14 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
                 optimizer.step()
                 scheduler.step()
-                sums["loss"] = sums.get("loss", 0.0) + loss.item()
-                for k in ("loss_ce", "loss_bbox", "loss_giou"):
-                    sums[k] = sums.get(k, 0.0) + losses[k].item()
+                logged = {"loss": loss, **{k: losses[k] for k in ("loss_ce", "loss_bbox",
+                                                                   "loss_giou")}}
                 enc = {k: v for k, v in losses.items() if k.endswith("_enc")}
                 if enc:  # two-stage / dense-prior models: the encoder's own set loss
-                    sums["loss_enc"] = sums.get("loss_enc", 0.0) + criterion.weighted(enc).item()
+                    logged["loss_enc"] = criterion.weighted(enc)
+                values = torch.stack([v.detach() for v in logged.values()]).tolist()  # 1 sync
+                for k, v in zip(logged, values):
+                    sums[k] = sums.get(k, 0.0) + v
                 n = step + 1
                 bar.update(task, advance=1, info=f"loss {sums['loss'] / n:.3f} "
                            f"lr {optimizer.param_groups[0]['lr']:.2e} "
