@@ -15,7 +15,8 @@ from .registry import ARCHS
 app = typer.Typer(
     help="qdet: query-based object detectors (DETR family). Train on the built-in shapes "
          "data or COCO-format JSON, evaluate with COCO AP, predict on images.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode="markdown")
 data_app = typer.Typer(help="Built-in datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 bench_app = typer.Typer(help="Benchmarks: times and peak memory, as ratios against a "
