@@ -187,7 +187,12 @@ def draw(img: Image.Image, result: dict, names: list[str]) -> Image.Image:
     duplicates in red."""
     from .predict import colour, draw_box, font_for
 
-    img = img.convert("RGB").copy()
+    img = img.convert("RGB")
+    if max(img.size) < 512:  # small images (the built-in data): enlarge so labels are legible
+        k = -(-512 // max(img.size))
+        img = img.resize((img.width * k, img.height * k), Image.NEAREST)
+    else:
+        img = img.copy()
     draw_, font = ImageDraw.Draw(img), font_for(img)
     w, h = img.size
 
@@ -198,7 +203,8 @@ def draw(img: Image.Image, result: dict, names: list[str]) -> Image.Image:
     for r in result["rows"]:
         t, p = pix(r.target_box), pix(r.pred_box)
         col = colour(r.target)
-        draw_box(draw_, t, f"gt{r.target} {names[r.target_label]}", (255, 255, 255), font)
+        draw_box(draw_, t, f"gt{r.target} {names[r.target_label]}", (255, 255, 255), font,
+                 below=True)
         draw_box(draw_, p, f"q{r.query} {r.pred_prob:.2f}", col, font)
         draw_.line([((t[0] + t[2]) / 2, (t[1] + t[3]) / 2), ((p[0] + p[2]) / 2, (p[1] + p[3]) / 2)],
                    fill=col, width=2)

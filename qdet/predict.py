@@ -72,13 +72,17 @@ def font_for(img: Image.Image):
         return ImageFont.load_default()
 
 
-def draw_box(draw: ImageDraw.ImageDraw, box, text: str, col, font, width: int = 2) -> None:
+def draw_box(draw: ImageDraw.ImageDraw, box, text: str, col, font, width: int = 2,
+             below: bool = False) -> None:
+    """A box with its label on a filled tag above it (or below, ``below=True``)."""
     x0, y0, x1, y1 = box
     draw.rectangle([x0, y0, x1, y1], outline=col, width=width)
     if text:
         tb = draw.textbbox((x0, y0), text, font=font)
         th = tb[3] - tb[1]
         ty = y0 - th - 4 if y0 - th - 4 >= 0 else y0
+        if below:
+            ty = y1 + 2 if y1 + th + 4 <= draw.im.size[1] else y1 - th - 4
         tb = draw.textbbox((x0 + 2, ty + 1), text, font=font)
         draw.rectangle([tb[0] - 2, tb[1] - 1, tb[2] + 2, tb[3] + 1], fill=col)
         draw.text((x0 + 2, ty + 1), text, fill=(0, 0, 0), font=font)
