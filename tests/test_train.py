@@ -213,3 +213,23 @@ def test_trains_on_coco_json(tmp_path):
     model = qdet.load(tmp_path / "run" / "best.pt")
     assert model.category_ids == [1, 2, 3, 4, 5] and model.class_names[0] == "rectangle"
     assert model.preprocess == {"size": 64, "max_size": 96}
+
+
+def test_bench_commands_run_small():
+    """The benchmarks' plumbing (not their numbers): tiny sizes through the CLI."""
+    runner = CliRunner()
+    r = runner.invoke(app, ["bench", "matcher", "--batch", "2", "--queries", "10",
+                            "--targets", "3"])
+    assert r.exit_code == 0 and "softmax" in r.output and "focal" in r.output, r.output
+    r = runner.invoke(app, ["bench", "rcda", "--height", "4", "--width", "6", "--repeat", "1",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output[r.output.index("{"):])["rows"]
+    assert {row["attention"] for row in rows} == {"standard", "standard, weights materialized",
+                                                  "rcda"}
+    r = runner.invoke(app, ["bench", "models", "--arch", "detr", "--size", "64x64", "--no-train",
+                            "--repeat", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    infer = json.loads(r.output[r.output.index("{"):])["inference"]
+    assert [row["mode"] for row in infer] == ["eager", "fast", "fast+bf16"]
+    assert infer[1]["max_rel_diff"] < 1e-4        # the fast path keeps float32 outputs
