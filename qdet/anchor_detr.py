@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import FROM_SCRATCH, Backbone
-from .base import MLP, Detector, aux_list, batch_images, box_from_reference
+from .base import Detector, MLP, batch_images, box_from_reference, layer_outputs
 from .detr import count_layers, official_dilation, resnet_from_keys
 from .engine import SHAPES_TRAIN
 from .matcher import LossConfig, loss_from_args
@@ -174,7 +174,8 @@ class DecoderLayer(nn.Module):
         q = tgt + qpos
         tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, q, tgt, need_weights=False)[0]))
         if self.rcda:
-            out = self.cross_attn(tgt + qpos_x, tgt + qpos_y, mem + pos_row, mem + pos_col, mem, pad)
+            out = self.cross_attn(tgt + qpos_x, tgt + qpos_y, mem + pos_row, mem + pos_col, mem,
+                                  pad)
         else:
             b, h, w, d = mem.shape
             out = self.cross_attn(tgt + qpos, (mem + pos_2d).reshape(b, h * w, d),
@@ -195,7 +196,8 @@ class Transformer(nn.Module):
             self.position = nn.Embedding(cfg.num_anchors, 2)
             nn.init.uniform_(self.position.weight, 0, 1)
         elif cfg.spatial_prior != "grid":
-            raise ValueError(f"spatial_prior must be 'learned' or 'grid', got {cfg.spatial_prior!r}")
+            raise ValueError("spatial_prior must be 'learned' or 'grid', got "
+                             f"{cfg.spatial_prior!r}")
         self.adapt_pos2d = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
         self.adapt_pos1d = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
         class_head, box_head = nn.Linear(d, cfg.num_classes), MLP(d, d, 4, 3)
@@ -264,10 +266,7 @@ class AnchorDETR(Detector):
         x, mask = batch_images(images)
         (feat, mask), = self.backbone(x, mask)
         logits, boxes = self.transformer(self.input_proj[0](feat), mask)
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.config.aux_loss:
-            out["aux_outputs"] = aux_list(logits, boxes)
-        return out
+        return layer_outputs(logits, boxes, self.config.aux_loss)
 
 
 Model = AnchorDETR

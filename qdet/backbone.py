@@ -60,7 +60,8 @@ class Backbone(nn.Module):
             p.requires_grad_(any(pname.startswith(s) for s in _STAGES[:trainable])
                              or (trainable >= 5 and pname.startswith("bn1")))
         self.layers = tuple(layers)
-        self.body = IntermediateLayerGetter(net, {f"layer{i}": str(k) for k, i in enumerate(layers)})
+        returned = {f"layer{i}": str(k) for k, i in enumerate(layers)}
+        self.body = IntermediateLayerGetter(net, returned)
         chans = resnet_channels(name)
         self.channels = [chans[i - 1] for i in layers]
         strides = [4, 8, 16, 16 if dilation else 32]

@@ -111,9 +111,14 @@ def box_from_reference(delta: Tensor, ref: Tensor) -> Tensor:
     return torch.cat([delta[..., :2] + inverse_sigmoid(ref), delta[..., 2:]], -1).sigmoid()
 
 
-def aux_list(logits: Tensor, boxes: Tensor) -> list[dict[str, Tensor]]:
-    """Per-layer outputs ``[L,B,Q,*]`` -> the ``aux_outputs`` list (all but the last layer)."""
-    return [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+def layer_outputs(logits: Tensor, boxes: Tensor, aux: bool) -> dict:
+    """Per-layer predictions ``[L,B,Q,*]`` -> the output dict: the last layer's, and the
+    earlier ones as ``aux_outputs`` when ``aux``."""
+    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+    if aux:
+        out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
+                              for a, b in zip(logits[:-1], boxes[:-1])]
+    return out
 
 
 @torch.no_grad()

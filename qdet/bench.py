@@ -196,10 +196,12 @@ def bench_rcda(device: str = "cpu", repeat: int = 3, size: tuple[int, int] = (50
                     out.sum().backward()
                 return out
 
-            rows.append({"layer": name, "attention": attention, "seconds": time_it(step, dev, repeat),
+            rows.append({"layer": name, "attention": attention,
+                         "seconds": time_it(step, dev, repeat),
                          "peak_mib": peak_memory_mib(step, dev)})
     for row in rows:
-        ref_row = next(r for r in rows if r["layer"] == row["layer"] and r["attention"] == "standard")
+        ref_row = next(r for r in rows
+                       if r["layer"] == row["layer"] and r["attention"] == "standard")
         row["speedup"] = ref_row["seconds"] / row["seconds"]
         row["memory_ratio"] = row["peak_mib"] / ref_row["peak_mib"]
     return rows

@@ -117,7 +117,8 @@ Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N; defaul
 def train(
     arch: Arch = "detr",
     data: Annotated[Optional[Path], typer.Option(help="COCO-format training annotations "
-                                                 "(JSON). Default: the built-in shapes data.")] = None,
+                                                 "(JSON). Default: the built-in shapes "
+                                                 "data.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Folder of the training images.")] = None,
     val_data: Annotated[Optional[Path], typer.Option(help="COCO-format validation JSON.")] = None,
     val_images: Annotated[Optional[Path], typer.Option(help="Folder of the validation "
@@ -361,7 +362,8 @@ def bench_deform_attn_cmd(
 @bench_app.command("models")
 def bench_models_cmd(
     arch: Annotated[Optional[list[str]], typer.Option("--arch", "-a", help="Architecture(s) "
-                                                      "to measure (repeatable); default: all.")] = None,
+                                                      "to measure (repeatable); default: "
+                                                      "all.")] = None,
     device: Device = None,
     size: Annotated[str, typer.Option(help="Inference input HxW.")] = "800x1066",
     batch: Annotated[int, typer.Option(help="Inference batch size.")] = 1,

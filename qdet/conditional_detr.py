@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import FROM_SCRATCH, Backbone
-from .base import MLP, Detector, aux_list, batch_images, box_from_reference
+from .base import Detector, MLP, batch_images, box_from_reference, layer_outputs
 from .detr import Encoder, count_layers, official_dilation, resnet_from_keys
 from .engine import SHAPES_TRAIN
 from .matcher import LossConfig, loss_from_args
@@ -188,10 +188,7 @@ class ConditionalDETR(Detector):
         hs, ref = self.transformer(self.input_proj(feat), mask, self.query_embed.weight, pos)
         logits = self.class_embed(hs)
         boxes = box_from_reference(self.bbox_embed(hs), ref)   # one reference for all layers
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.config.aux_loss:
-            out["aux_outputs"] = aux_list(logits, boxes)
-        return out
+        return layer_outputs(logits, boxes, self.config.aux_loss)
 
 
 Model = ConditionalDETR

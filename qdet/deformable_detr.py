@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import FROM_SCRATCH, Backbone
-from .base import MLP, Detector, aux_list, batch_images, box_from_reference, resize_mask
+from .base import Detector, MLP, batch_images, box_from_reference, layer_outputs, resize_mask
 from .deform_attn import MSDeformAttn
 from .detr import count_layers, official_dilation, resnet_from_keys
 from .engine import SHAPES_TRAIN
@@ -179,9 +179,9 @@ def encoder_proposals(memory: Tensor, pad: Tensor, shapes) -> tuple[Tensor, Tens
         m = pad[:, start:start + h * w].view(n, h, w)
         valid_h = (~m[:, :, 0]).sum(1).to(memory.dtype)
         valid_w = (~m[:, 0, :]).sum(1).to(memory.dtype)
-        ys, xs = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=memory.dtype, device=memory.device),
-                                torch.linspace(0, w - 1, w, dtype=memory.dtype, device=memory.device),
-                                indexing="ij")
+        kw = dict(dtype=memory.dtype, device=memory.device)
+        ys, xs = torch.meshgrid(torch.linspace(0, h - 1, h, **kw),
+                                torch.linspace(0, w - 1, w, **kw), indexing="ij")
         grid = torch.stack([xs, ys], -1)[None].expand(n, -1, -1, -1)
         grid = (grid + 0.5) / torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2)
         wh = torch.full_like(grid, 0.05 * 2.0 ** lvl)
@@ -323,9 +323,7 @@ class DeformableDETR(Detector):
             logits.append(self.class_embed[lvl](hs[lvl]))
             boxes.append(box_from_reference(self.bbox_embed[lvl](hs[lvl]), ref))
         logits, boxes = torch.stack(logits), torch.stack(boxes)
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.config.aux_loss:
-            out["aux_outputs"] = aux_list(logits, boxes)
+        out = layer_outputs(logits, boxes, self.config.aux_loss)
         if enc is not None:
             out["enc_outputs"] = enc
         return out

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import FROM_SCRATCH, Backbone
-from .base import MLP, Detector, aux_list, batch_images
+from .base import Detector, MLP, batch_images, layer_outputs
 from .engine import SHAPES_TRAIN
 from .matcher import LossConfig, loss_from_args
 from .position_encoding import sine_position_embedding
@@ -180,10 +180,7 @@ class DETR(Detector):
         pos = sine_position_embedding(mask, self.config.d_model // 2).to(feat.dtype)
         hs = self.transformer(self.input_proj(feat), mask, self.query_embed.weight, pos)
         logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()  # [L,B,Q,*]
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.config.aux_loss:
-            out["aux_outputs"] = aux_list(logits, boxes)
-        return out
+        return layer_outputs(logits, boxes, self.config.aux_loss)
 
 
 Model = DETR

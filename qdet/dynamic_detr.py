@@ -1,5 +1,6 @@
 """Dynamic DETR: End-to-End Object Detection with Dynamic Attention (Dai et al., ICCV 2021).
-https://openaccess.thecvf.com/content/ICCV2021/html/Dai_Dynamic_DETR_End-to-End_Object_Detection_With_Dynamic_Attention_ICCV_2021_paper.html
+https://openaccess.thecvf.com/content/ICCV2021/html/
+Dai_Dynamic_DETR_End-to-End_Object_Detection_With_Dynamic_Attention_ICCV_2021_paper.html
 -- no official code; built from the paper as follows.
 
 Design points and where they come from:

@@ -38,11 +38,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .backbone import FROM_SCRATCH
-from .base import MLP, Detector, aux_list, box_from_reference
+from .base import Detector, MLP, box_from_reference, layer_outputs
+from . import deformable_detr
 from .deformable_detr import (DeformableDETR, Decoder, Encoder, encoder_proposals,
                               focal_loss_config, valid_ratio)
-from .engine import SHAPES_TRAIN
 from .matcher import LossConfig
 from .position_encoding import sine_embed_points
 
@@ -147,10 +146,7 @@ class EfficientDETR(Detector):
         logits = torch.stack([self.class_embed(h) for h in hs])
         boxes = torch.stack([box_from_reference(self.bbox_embed(h), r)
                              for h, r in zip(hs, [ref, *refs[:-1]])])
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "enc_outputs": dense}
-        if cfg.aux_loss:
-            out["aux_outputs"] = aux_list(logits, boxes)
-        return out
+        return {**layer_outputs(logits, boxes, cfg.aux_loss), "enc_outputs": dense}
 
     def compile_transformer(self) -> None:
         self.encoder.compile()
@@ -162,14 +158,7 @@ Model = EfficientDETR
 # ------------------------------------------------------------------------- presets
 
 # The paper trains 36 epochs; optimizer settings follow Deformable DETR (not stated).
-PAPER = dict(train=dict(lr=2e-4, lr_backbone=2e-5, lr_slow_names=("reference_points",
-                                                                  "sampling_offsets"),
-                        lr_slow_mult=0.1, weight_decay=1e-4, batch_size=2, epochs=36,
-                        lr_drops=(30,), clip_max_norm=0.1))
+PAPER = dict(train={**deformable_detr.PAPER["train"], "epochs": 36, "lr_drops": (30,)})
 
-SHAPES = dict(
-    model=dict(**FROM_SCRATCH, num_feature_levels=3, d_model=128, nheads=8, enc_layers=3,
-               dec_layers=1, dim_feedforward=512, dropout=0.0, num_queries=20),
-    train=dict(SHAPES_TRAIN, lr_slow_names=("reference_points", "sampling_offsets"),
-               lr_slow_mult=0.1),
-)
+SHAPES = dict(model={**deformable_detr.SHAPES["model"], "dec_layers": 1},
+              train=deformable_detr.SHAPES["train"])

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork, box_convert, roi_align
 
 from .backbone import FROM_SCRATCH, Backbone
-from .base import Detector, aux_list, batch_images
+from .base import Detector, batch_images, layer_outputs
 from .detr import resnet_from_keys
 from .engine import SHAPES_TRAIN
 from .matcher import LossConfig
@@ -148,7 +148,8 @@ class RCNNHead(nn.Module):
         self.self_attn = nn.MultiheadAttention(d, cfg.nheads, dropout=cfg.dropout,
                                                batch_first=True)
         self.inst_interact = DynamicConv(d, cfg.dim_dynamic, cfg.pooler_resolution)
-        self.linear1, self.linear2 = nn.Linear(d, cfg.dim_feedforward), nn.Linear(cfg.dim_feedforward, d)
+        ffn = cfg.dim_feedforward
+        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.dropout, self.dropout1, self.dropout2, self.dropout3 = (
             nn.Dropout(cfg.dropout) for _ in range(4))
@@ -244,10 +245,7 @@ def decode_proposals(model, features: list[Tensor], sizes: Tensor) -> dict:
     query = model.init_proposal_features.weight[None].expand(len(sizes), -1, -1)
     logits, boxes = model.head(features, boxes, query)
     boxes = box_convert(boxes / sizes[None, :, None], "xyxy", "cxcywh")
-    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-    if model.config.aux_loss:
-        out["aux_outputs"] = aux_list(logits, boxes)
-    return out
+    return layer_outputs(logits, boxes, model.config.aux_loss)
 
 
 Model = SparseRCNN

@@ -70,7 +70,8 @@ def hf_and_qdet(tmp_path_factory):
     from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection
 
     torch.manual_seed(0)
-    cfg = ConditionalDetrConfig(use_timm_backbone=False, backbone_config=hf_resnet_config(["stage4"]),
+    cfg = ConditionalDetrConfig(use_timm_backbone=False,
+                                backbone_config=hf_resnet_config(["stage4"]),
                                 d_model=32, encoder_layers=2, decoder_layers=3,
                                 encoder_attention_heads=4, decoder_attention_heads=4,
                                 encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=7,

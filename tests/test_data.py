@@ -26,7 +26,8 @@ def write_dataset(tmp_path, anns=None, images=None, categories=None, make_files=
     folder.mkdir(exist_ok=True)
     if make_files:
         for im in images:
-            Image.new("RGB", (im["width"], im["height"]), (100, 50, 20)).save(folder / im["file_name"])
+            img = Image.new("RGB", (im["width"], im["height"]), (100, 50, 20))
+            img.save(folder / im["file_name"])
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
     return ann, folder

@@ -53,7 +53,8 @@ def test_hand_built_matrix_rows():
     assert (r0.row_min, r0.col_min) == (True, False)
     assert r1.total == pytest.approx(-0.95) and r1.runner_up == 2
     assert r1.margin == pytest.approx(0.65) and (r1.row_min, r1.col_min) == (True, True)
-    assert r0.iou == pytest.approx(1.0) and r0.pred_label == 1 and r0.pred_prob == pytest.approx(0.7)
+    assert r0.iou == pytest.approx(1.0) and r0.pred_label == 1
+    assert r0.pred_prob == pytest.approx(0.7)
     dups = duplicates(rows, probs, pred, threshold=0.45)
     assert [(d.query, d.overlaps_query) for d in dups] == [(2, 1)]   # same box as query 1
     console = Console(record=True, width=200)

@@ -62,7 +62,8 @@ def test_backward_reaches_trainable_parameters(model):
     if hasattr(model, "init_proposal_boxes"):  # proposals of all sizes reach all FPN levels
         side = 480
         with torch.no_grad():
-            sizes = torch.tensor([0.1, 0.3, 0.6, 1.0]).repeat(4)[:len(model.init_proposal_boxes.weight)]
+            n = len(model.init_proposal_boxes.weight)
+            sizes = torch.tensor([0.1, 0.3, 0.6, 1.0]).repeat(4)[:n]
             model.init_proposal_boxes.weight[:, 2:] = sizes[:, None]
     targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[.3, .3, .2, .2],
                                                                        [.6, .6, .3, .4]])}]

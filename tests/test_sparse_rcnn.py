@@ -19,11 +19,14 @@ def to_detectron2(key: str) -> str:
     k = key
     k = k.replace("backbone.body.conv1.", "backbone.bottom_up.stem.conv1.")
     k = k.replace("backbone.body.bn1.", "backbone.bottom_up.stem.conv1.norm.")
-    k = re.sub(r"backbone\.body\.layer(\d)\.", lambda m: f"backbone.bottom_up.res{int(m.group(1)) + 1}.", k)
+    k = re.sub(r"backbone\.body\.layer(\d)\.",
+               lambda m: f"backbone.bottom_up.res{int(m.group(1)) + 1}.", k)
     k = re.sub(r"\.bn(\d)\.", r".conv\1.norm.", k)
     k = k.replace(".downsample.0.", ".shortcut.").replace(".downsample.1.", ".shortcut.norm.")
-    k = re.sub(r"fpn\.inner_blocks\.(\d)\.0\.", lambda m: f"backbone.fpn_lateral{int(m.group(1)) + 2}.", k)
-    return re.sub(r"fpn\.layer_blocks\.(\d)\.0\.", lambda m: f"backbone.fpn_output{int(m.group(1)) + 2}.", k)
+    k = re.sub(r"fpn\.inner_blocks\.(\d)\.0\.",
+               lambda m: f"backbone.fpn_lateral{int(m.group(1)) + 2}.", k)
+    return re.sub(r"fpn\.layer_blocks\.(\d)\.0\.",
+                  lambda m: f"backbone.fpn_output{int(m.group(1)) + 2}.", k)
 
 
 def test_detectron2_layout_loads_exactly(tmp_path):
