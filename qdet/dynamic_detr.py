@@ -12,7 +12,7 @@ Design points and where they come from:
   excitation style weight per level term; representation attention = a dynamic ReLU (its
   channel-wise coefficients generated from the pooled feature). The pyramid is an FPN
   (5 levels, P3-P7, as in the paper's headline results).
-- Dynamic decoder (Sec. 3.3): queries carry boxes (initialized to the whole image, as the
+- Dynamic decoder (the section after 3.2): queries carry boxes (initialized to the whole image, as the
   paper describes); each layer keeps query self-attention, pools every query's box from the
   pyramid with RoIAlign, and replaces cross-attention by a dynamic interaction whose
   parameters the query generates -- Sparse R-CNN's dynamic instance interaction, reused

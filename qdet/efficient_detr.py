@@ -1,14 +1,15 @@
 """Efficient DETR: Improving End-to-End Object Detector with Dense Prior (Yao et al., 2021).
 https://arxiv.org/abs/2104.01318 -- no official code; built from the paper as follows.
 
-Design points and where they come from:
+Design points and where they come from (the paper's tables and figures; its method text was
+not available when this was written, so section numbers are not given):
 - Structure (abstract, Fig. 5): a dense part (backbone + multi-scale deformable encoder, 3
   layers) and a sparse part (deformable decoder, 1 layer; a cascade of 6 as an option,
   Table 2). The layers are Deformable DETR's, reused from ``qdet.deformable_detr``.
 - Dense prediction (Fig. 3, Fig. 5): one detection head (class + box) runs over every encoder
   position of every level. The same head serves the sparse part ("the same final detection
   head", Fig. 5). Boxes are relative to each position's anchor.
-- Dense prior (Sec. "object containers", Fig. 3(c), Table 4): the top-k positions by class
+- Dense prior ("object containers", Fig. 3(c), Table 4): the top-k positions by class
   score (k = number of queries, 300 as in Tables 5 and 8) give the decoder its 4-d reference
   boxes (the dense boxes) and its object queries' content (the encoder features at those
   positions).
