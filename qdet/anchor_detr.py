@@ -34,12 +34,8 @@ from .backbone import FROM_SCRATCH, Backbone
 from .base import Detector, MLP, batch_images, box_from_reference, layer_outputs
 from .detr import count_layers, official_dilation, resnet_from_keys
 from .engine import SHAPES_TRAIN
-from .matcher import LossConfig, loss_from_args
+from .matcher import LossConfig, focal_loss_config, loss_from_args
 from .position_encoding import sine_embed_points
-
-
-def focal_loss_config() -> LossConfig:
-    return LossConfig(focal=True, class_cost=2.0, class_weight=2.0)
 
 
 @dataclass

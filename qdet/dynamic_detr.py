@@ -45,8 +45,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from .backbone import FROM_SCRATCH, Backbone
 from .base import Detector
 from .engine import SHAPES_TRAIN
-from .matcher import LossConfig
-from .sparse_rcnn import DynamicHead, decode_proposals, focal_loss_config, pad_for_pyramid
+from .matcher import LossConfig, focal_loss_config
+from .sparse_rcnn import DynamicHead, decode_proposals, pad_for_pyramid
 
 
 @dataclass

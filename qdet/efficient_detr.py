@@ -41,9 +41,8 @@ from torch import Tensor, nn
 
 from .base import Detector, MLP, box_from_reference, layer_outputs
 from . import deformable_detr
-from .deformable_detr import (DeformableDETR, Decoder, Encoder, encoder_proposals,
-                              focal_loss_config, valid_ratio)
-from .matcher import LossConfig
+from .deformable_detr import DeformableDETR, Decoder, Encoder, encoder_proposals, valid_ratio
+from .matcher import LossConfig, focal_loss_config
 from .position_encoding import sine_embed_points
 
 

@@ -31,6 +31,12 @@ class LossConfig:
     enc_class_agnostic: bool = False
 
 
+def focal_loss_config() -> LossConfig:
+    """The sigmoid focal setting of Deformable DETR and its successors (class cost and loss
+    weight 2; L1 5; GIoU 2)."""
+    return LossConfig(focal=True, class_cost=2.0, class_weight=2.0)
+
+
 def loss_from_args(args: dict, focal: bool, **extra) -> LossConfig:
     """The matcher and loss weights an official training script recorded in its ``args``
     (DETR-family flag names), defaulting to those repositories' defaults."""

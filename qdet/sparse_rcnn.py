@@ -41,11 +41,7 @@ from .backbone import FROM_SCRATCH, Backbone
 from .base import Detector, batch_images, layer_outputs
 from .detr import resnet_from_keys
 from .engine import SHAPES_TRAIN
-from .matcher import LossConfig
-
-
-def focal_loss_config() -> LossConfig:
-    return LossConfig(focal=True, class_cost=2.0, class_weight=2.0)
+from .matcher import LossConfig, focal_loss_config
 
 
 @dataclass
