@@ -236,6 +236,9 @@ def pad_for_pyramid(images) -> tuple[Tensor, Tensor, Tensor]:
 def decode_proposals(model, features: list[Tensor], sizes: Tensor) -> dict:
     """Learned proposals (``model.init_proposal_boxes/features``) through ``model.head``;
     boxes are absolute inside and normalized (cx, cy, w, h) in the returned contract."""
+    # torchvision's CPU roi_align makes its input contiguous on every call: do it once here
+    # for all heads (the fast path runs the pyramid channels_last)
+    features = [f.contiguous() for f in features]
     init = box_convert(model.init_proposal_boxes.weight, "cxcywh", "xyxy")
     boxes = init[None] * sizes[:, None]                                         # absolute
     query = model.init_proposal_features.weight[None].expand(len(sizes), -1, -1)
