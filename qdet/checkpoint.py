@@ -117,17 +117,21 @@ def _load_state(model: Detector, state: dict, source: str) -> None:
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", fast: bool = False
-         ) -> Detector:
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", fast: bool = False,
+         compile: bool = False) -> Detector:
     """Load a qdet or official release checkpoint as an eval-mode model on ``device``.
 
     Architecture and sizes come from the file: the stored config of a qdet checkpoint, or
     the key names and tensor shapes of an official one (plus its ``args`` when present).
-    ``fast=True`` returns the inference fast path (``qdet.fast``): same outputs, faster.
+    ``fast=True`` returns the inference fast path (``qdet.fast``): same outputs, faster;
+    with ``compile=True`` its transformer is also compiled (torch.compile), which pays only
+    when input sizes repeat: every new size compiles again.
     """
     model = model_from_checkpoint(read_checkpoint(path), str(path)).to(device).eval()
     if fast:
         from .fast import optimize_for_inference
 
-        model = optimize_for_inference(model)
+        model = optimize_for_inference(model, compile=compile)
+    elif compile:
+        model.compile_transformer()
     return model

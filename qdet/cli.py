@@ -73,11 +73,11 @@ def find_weights(weights: Optional[Path]) -> Path:
     return run / "best.pt"
 
 
-def load_model(weights: Path, device: str, fast: bool = True):
+def load_model(weights: Path, device: str, fast: bool = True, compile: bool = False):
     from .checkpoint import CheckpointError, load
 
     try:
-        return load(weights, device=device, fast=fast)
+        return load(weights, device=device, fast=fast, compile=compile)
     except (CheckpointError, ValueError) as e:
         fail(str(e))
 
@@ -189,13 +189,18 @@ def eval_(
     device: Device = None,
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (faster on CPUs "
                                        "with AVX-512 BF16 and on GPUs).")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the transformer: "
+                                          "about 1.2x for the Deformable DETR family on a "
+                                          "CPU, but every new input size compiles again "
+                                          "(seconds each), so it pays on long evaluations "
+                                          "of same-sized images.")] = False,
 ):
     """COCO bbox metrics (AP, AP50, AP75, APs/m/l, AR@100) of a checkpoint on a dataset."""
     from .engine import coco_stats, predict_dataset, stats_table
 
     if not weights.is_file():
         fail(f"weights file {weights} not found")
-    model = load_model(weights, pick_device(device))
+    model = load_model(weights, pick_device(device), compile=compile)
     dataset = eval_dataset(model, weights, data, images, builtin_fallback=False)
     results = predict_dataset(model, dataset, next(model.parameters()).device, batch_size,
                               workers, bf16=bf16)

@@ -120,6 +120,27 @@ def test_cli_eval_on_builtin_val(trained_run, monkeypatch):
     assert {r["category_id"] for r in res} <= {1, 2, 3, 4, 5}
 
 
+def test_cli_eval_compiled_gives_the_same_detections(trained_run, monkeypatch):
+    cwd, _ = trained_run
+    monkeypatch.chdir(cwd)
+    best = next((cwd / "runs").iterdir()) / "best.pt"
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    for extra, name in (([], "plain.json"), (["--compile"], "compiled.json")):
+        result = CliRunner().invoke(app, ["eval", str(best), "--workers", "0", "--out", name,
+                                          *extra])
+        assert result.exit_code == 0, result.output
+    assert counters["stats"]["unique_graphs"] >= 1  # the transformer was compiled
+    plain, compiled = (json.loads((cwd / n).read_text()) for n in ("plain.json", "compiled.json"))
+    assert len(plain) == len(compiled) > 0
+    for a, b in zip(plain, compiled):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-2)
+
+
 def test_cli_resume_of_finished_run_says_what_to_do(trained_run, monkeypatch):
     cwd, _ = trained_run
     monkeypatch.chdir(cwd)
