@@ -219,9 +219,11 @@ def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
 PAPER = dict(train=dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, batch_size=2,
                         epochs=50, lr_drops=(40,), clip_max_norm=0.1))
 
-# From scratch on the built-in shapes data in ~10 CPU minutes (the quickstart).
+# From scratch on the built-in shapes data in ~10 CPU minutes (the quickstart). Against the
+# shared preset (lr 2e-4, 20 queries; AP50 0.862 at the last epoch): 30 queries gave 0.875,
+# lr 3e-4 0.886 (4e-4: 0.859), both together 0.897.
 SHAPES = dict(
     model=dict(**FROM_SCRATCH, backbone_layer=3, d_model=128, nheads=8, enc_layers=3, dec_layers=3,
-               dim_feedforward=512, dropout=0.0, num_queries=20),
-    train=dict(SHAPES_TRAIN, epochs=10),
+               dim_feedforward=512, dropout=0.0, num_queries=30),
+    train=dict(SHAPES_TRAIN, epochs=10, lr=3e-4, lr_backbone=3e-4),
 )
