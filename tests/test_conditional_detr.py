@@ -11,7 +11,8 @@ from qdet.base import batch_images
 from qdet.registry import build_model
 
 from conftest import TINY, random_images
-from hf_convert import hf_resnet_config, hf_resnet_key, randomize_
+from hf_convert import (DECODER_NAMES, ENCODER_NAMES, detr_top_key, hf_resnet_config, mha_keys,
+                        randomize_, rename_start, to_official)
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,48 +22,22 @@ SA = {"q_content_proj": "sa_qcontent_proj", "q_pos_proj": "sa_qpos_proj",
 CA = {"q_content_proj": "ca_qcontent_proj", "q_pos_proj": "ca_qpos_proj",
       "k_content_proj": "ca_kcontent_proj", "k_pos_proj": "ca_kpos_proj", "v_proj": "ca_v_proj",
       "q_pos_sine_proj": "ca_qpos_sine_proj", "o_proj": "cross_attn.out_proj"}
-NORMS = {"encoder": {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2"},
-         "decoder": {"self_attn_layer_norm": "norm1", "encoder_attn_layer_norm": "norm2",
-                     "final_layer_norm": "norm3"}}
 
 
 def hf_to_official(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("model.backbone."):
-            out[hf_resnet_key(k)] = v
-            continue
-        m = re.match(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.*)", k)
-        if m:
-            part, i, rest = m.groups()
-            prefix = f"transformer.{part}.layers.{i}."
-            if part == "encoder" and rest.startswith("self_attn."):
-                which, kind = re.match(r"self_attn\.(q|k|v|o)_proj\.(weight|bias)", rest).groups()
-                if which == "o":
-                    out[f"{prefix}self_attn.out_proj.{kind}"] = v
-                elif which == "q":
-                    base = f"model.encoder.layers.{i}.self_attn."
-                    out[f"{prefix}self_attn.in_proj_{kind}"] = torch.cat(
-                        [sd[f"{base}{w}_proj.{kind}"] for w in "qkv"])
-                continue
-            am = re.match(r"(self_attn|encoder_attn)\.(\w+)\.(weight|bias)", rest)
-            if part == "decoder" and am:
-                attn, proj, kind = am.groups()
-                out[prefix + (SA if attn == "self_attn" else CA)[proj] + "." + kind] = v
-                continue
-            rest = rest.replace("mlp.fc1", "linear1").replace("mlp.fc2", "linear2")
-            for old, new in NORMS[part].items():
-                rest = rest.replace(old, new)
-            out[prefix + rest] = v
-            continue
-        k = (k.replace("model.query_position_embeddings", "query_embed")
-              .replace("model.input_projection", "input_proj")
-              .replace("model.decoder.layernorm", "transformer.decoder.norm")
-              .replace("model.decoder.", "transformer.decoder.")
-              .replace("class_labels_classifier", "class_embed")
-              .replace("bbox_predictor", "bbox_embed"))
-        out[k] = v
-    return out
+    def layer(sd, hf_prefix, part, rest, v):
+        if part == "encoder":
+            am = re.match(r"self_attn\.(q|k|v|o)_proj\.(weight|bias)", rest)
+            if am:
+                return mha_keys(sd, hf_prefix + "self_attn", *am.groups(), v, "self_attn")
+            return {rename_start(rest, ENCODER_NAMES): v}
+        am = re.match(r"(self_attn|encoder_attn)\.(\w+)\.(weight|bias)", rest)
+        if am:
+            attn, proj, kind = am.groups()
+            return {(SA if attn == "self_attn" else CA)[proj] + "." + kind: v}
+        return {rename_start(rest, DECODER_NAMES): v}
+
+    return to_official(sd, layer, detr_top_key)
 
 
 @pytest.fixture(scope="module")

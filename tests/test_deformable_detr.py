@@ -12,49 +12,30 @@ from qdet.base import batch_images
 from qdet.registry import build_model
 
 from conftest import TINY, random_images
-from hf_convert import hf_resnet_config, hf_resnet_key, randomize_
+from hf_convert import (ENCODER_NAMES, hf_resnet_config, mha_keys, randomize_, rename_start,
+                        to_official)
 
 transformers = pytest.importorskip("transformers")
 
-ENC = {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2", "mlp.fc1": "linear1",
-       "mlp.fc2": "linear2"}
 DEC = {"encoder_attn_layer_norm": "norm1", "self_attn_layer_norm": "norm2",
        "final_layer_norm": "norm3", "mlp.fc1": "linear1", "mlp.fc2": "linear2",
        "encoder_attn": "cross_attn"}
 
 
 def hf_to_official(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("model.backbone."):
-            out[hf_resnet_key(k)] = v
-            continue
-        m = re.match(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.*)", k)
-        if m:
-            part, i, rest = m.groups()
-            prefix = f"transformer.{part}.layers.{i}."
-            am = re.match(r"self_attn\.(q|k|v|o)_proj\.(weight|bias)", rest)
-            if part == "decoder" and am:
-                which, kind = am.groups()
-                if which == "o":
-                    out[f"{prefix}self_attn.out_proj.{kind}"] = v
-                elif which == "q":
-                    base = f"model.decoder.layers.{i}.self_attn."
-                    out[f"{prefix}self_attn.in_proj_{kind}"] = torch.cat(
-                        [sd[f"{base}{w}_proj.{kind}"] for w in "qkv"])
-                continue
-            for old, new in (ENC if part == "encoder" else DEC).items():
-                if rest.startswith(old + "."):
-                    rest = new + rest[len(old):]
-                    break
-            out[prefix + rest] = v
-            continue
+    def layer(sd, hf_prefix, part, rest, v):
+        am = re.match(r"self_attn\.(q|k|v|o)_proj\.(weight|bias)", rest)
+        if part == "decoder" and am:
+            return mha_keys(sd, hf_prefix + "self_attn", *am.groups(), v, "self_attn")
+        return {rename_start(rest, ENCODER_NAMES if part == "encoder" else DEC): v}
+
+    def other(k):
         k = re.sub(r"^model\.(level_embed|reference_points|enc_output_norm|enc_output|"
                    r"pos_trans_norm|pos_trans|encoder|decoder)", r"transformer.\1", k)
-        k = k.replace("model.query_position_embeddings", "query_embed")
-        k = k.replace("model.input_proj", "input_proj")
-        out[k] = v
-    return out
+        return k.replace("model.query_position_embeddings", "query_embed").replace(
+            "model.input_proj", "input_proj")
+
+    return to_official(sd, layer, other)
 
 
 def hf_model(**variant):

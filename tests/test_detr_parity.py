@@ -11,49 +11,24 @@ import pytest
 import torch
 
 import qdet
-from hf_convert import hf_resnet_key, hf_resnet_config, randomize_
+from hf_convert import (DECODER_NAMES, ENCODER_NAMES, detr_top_key, hf_resnet_config, mha_keys,
+                        randomize_, rename_start, to_official)
 
 transformers = pytest.importorskip("transformers")
 
 ATTN = {"self_attn": "self_attn", "encoder_attn": "multihead_attn"}
-ENC_RENAME = {"self_attn_layer_norm": "norm1", "mlp.fc1": "linear1", "mlp.fc2": "linear2",
-              "final_layer_norm": "norm2"}
-DEC_RENAME = {"self_attn_layer_norm": "norm1", "encoder_attn_layer_norm": "norm2",
-              "mlp.fc1": "linear1", "mlp.fc2": "linear2", "final_layer_norm": "norm3"}
 
 
 def hf_to_official(sd: dict) -> dict:
     """HF DETR state dict -> facebookresearch/detr names (the inverse of HF's converter)."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("model.backbone."):
-            out[hf_resnet_key(k)] = v
-            continue
-        m = re.match(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.*)", k)
-        if m:
-            part, i, rest = m.groups()
-            prefix = f"transformer.{part}.layers.{i}."
-            am = re.match(r"(self_attn|encoder_attn)\.(q|k|v|o)_proj\.(weight|bias)", rest)
-            if am:
-                attn, which, kind = am.groups()
-                if which == "o":
-                    out[f"{prefix}{ATTN[attn]}.out_proj.{kind}"] = v
-                elif which == "q":  # q, k, v stack into in_proj
-                    base = f"model.{part}.layers.{i}.{attn}."
-                    out[f"{prefix}{ATTN[attn]}.in_proj_{kind}"] = torch.cat(
-                        [sd[f"{base}{w}_proj.{kind}"] for w in "qkv"])
-                continue
-            for old, new in (ENC_RENAME if part == "encoder" else DEC_RENAME).items():
-                if rest.startswith(old + "."):
-                    out[prefix + new + rest[len(old):]] = v
-            continue
-        k = (k.replace("model.query_position_embeddings", "query_embed")
-              .replace("model.input_projection", "input_proj")
-              .replace("model.decoder.layernorm", "transformer.decoder.norm")
-              .replace("class_labels_classifier", "class_embed")
-              .replace("bbox_predictor", "bbox_embed"))
-        out[k] = v
-    return out
+    def layer(sd, hf_prefix, part, rest, v):
+        am = re.match(r"(self_attn|encoder_attn)\.(q|k|v|o)_proj\.(weight|bias)", rest)
+        if am:
+            attn, which, kind = am.groups()
+            return mha_keys(sd, hf_prefix + attn, which, kind, v, ATTN[attn])
+        return {rename_start(rest, ENCODER_NAMES if part == "encoder" else DECODER_NAMES): v}
+
+    return to_official(sd, layer, detr_top_key)
 
 
 @pytest.fixture(scope="module")
