@@ -129,14 +129,20 @@ class FFN(nn.Module):
         return self.norm2(x + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(x))))))
 
 
+def attention(cfg: Config) -> nn.Module:
+    """The layer attention to the feature map: RCDA, or standard attention (the paper's
+    comparison)."""
+    if cfg.attention == "rcda":
+        return RCDA(cfg.d_model, cfg.nheads, cfg.dropout)
+    return nn.MultiheadAttention(cfg.d_model, cfg.nheads, dropout=cfg.dropout, batch_first=True)
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         d = cfg.d_model
         self.rcda = cfg.attention == "rcda"
-        self.self_attn = (RCDA(d, cfg.nheads, cfg.dropout) if self.rcda else
-                          nn.MultiheadAttention(d, cfg.nheads, dropout=cfg.dropout,
-                                                batch_first=True))
+        self.self_attn = attention(cfg)
         self.dropout1, self.norm1 = nn.Dropout(cfg.dropout), nn.LayerNorm(d)
         self.ffn = FFN(d, cfg.dim_feedforward, cfg.dropout)
 
@@ -158,9 +164,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.rcda = cfg.attention == "rcda"
-        self.cross_attn = (RCDA(d, cfg.nheads, cfg.dropout) if self.rcda else
-                           nn.MultiheadAttention(d, cfg.nheads, dropout=cfg.dropout,
-                                                 batch_first=True))
+        self.cross_attn = attention(cfg)
         self.dropout1, self.norm1 = nn.Dropout(cfg.dropout), nn.LayerNorm(d)
         self.self_attn = nn.MultiheadAttention(d, cfg.nheads, dropout=cfg.dropout, batch_first=True)
         self.dropout2, self.norm2 = nn.Dropout(cfg.dropout), nn.LayerNorm(d)
