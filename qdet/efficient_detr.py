@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .base import Detector, MLP, box_from_reference, layer_outputs
 from . import deformable_detr

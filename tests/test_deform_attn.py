@@ -141,8 +141,9 @@ def test_numba_is_deterministic():
 CUDASIM = r"""
 import numpy as np, torch
 from numba import cuda
-from qdet.deform_attn import (_shape_arrays, launch_cuda_backward, launch_cuda_forward,
-                              ms_deform_attn_torch)
+from qdet.deform_attn import ms_deform_attn_torch
+from qdet.deform_attn_cpu import level_tables
+from qdet.deform_attn_cuda import launch_backward, launch_forward
 torch.manual_seed(0)
 shapes = [(3, 4), (2, 2), (1, 1)]
 n, lq, m, d, p = 2, 3, 2, 3, 2
@@ -155,13 +156,13 @@ attn = torch.rand(n, lq, m, len(shapes), p, dtype=torch.float64, requires_grad=T
 ref = ms_deform_attn_torch(value, shapes, loc, attn)
 grad = torch.randn_like(ref)
 ref.backward(grad)
-sh, st = _shape_arrays([v for hw in shapes for v in hw])
+sh, st = level_tables([v for hw in shapes for v in hw])
 dev = lambda t: cuda.to_device(t.detach().numpy().copy())
 out = cuda.to_device(np.zeros((n, lq, m, d)))
 args = [dev(value), cuda.to_device(sh), cuda.to_device(st), dev(loc), dev(attn)]
-launch_cuda_forward(*args, out)
+launch_forward(*args, out)
 gv, gl, ga = (cuda.to_device(np.zeros(t.shape)) for t in (value, loc, attn))
-launch_cuda_backward(*args, dev(grad.view(n, lq, m, d)), gv, gl, ga)
+launch_backward(*args, dev(grad.view(n, lq, m, d)), gv, gl, ga)
 for name, got, want in (("out", out, ref.view(n, lq, m, d)), ("grad_value", gv, value.grad),
                         ("grad_loc", gl, loc.grad), ("grad_attn", ga, attn.grad)):
     err = np.abs(got.copy_to_host() - want.detach().numpy()).max()
@@ -182,7 +183,7 @@ def test_value_gradient_chunking_matches():
     every split gives the same result, in both value layouts."""
     import numpy as np
 
-    from qdet import deform_attn as da
+    from qdet import deform_attn_cpu as da
 
     for lq in (2, 40):  # 2 queries: caller's layout; 40: head-major copy
         value, loc, attn = inputs(n=1, lq=lq, m=2, d=6, shapes=[(3, 4), (2, 2)])

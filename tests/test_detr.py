@@ -1,8 +1,6 @@
 """DETR specifics: padding invariance of the transformer, options, torch.compile."""
-import pytest
 import torch
 
-from qdet.base import batch_images
 from qdet.position_encoding import sine_position_embedding
 from qdet.registry import build_model
 

@@ -1,7 +1,5 @@
 """match-debug: the assignment shown is scipy's, terms sum to the total, a hand-built matrix
 gives the expected rows, and the CLI prints and saves."""
-import json
-
 import pytest
 import torch
 from rich.console import Console

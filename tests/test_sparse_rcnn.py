@@ -3,7 +3,6 @@ unexpected keys; the pooler, deltas and dynamic interaction against hand-built c
 import math
 import re
 
-import pytest
 import torch
 from torchvision.ops import roi_align
 
