@@ -196,7 +196,7 @@ def eval_(
                                           "of same-sized images.")] = False,
 ):
     """COCO bbox metrics (AP, AP50, AP75, APs/m/l, AR@100) of a checkpoint on a dataset."""
-    from .engine import coco_stats, predict_dataset, stats_table
+    from .evaluation import coco_stats, predict_dataset, stats_table
 
     if not weights.is_file():
         fail(f"weights file {weights} not found")

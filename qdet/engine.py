@@ -1,4 +1,4 @@
-"""Training and evaluation loops, shared by every method.
+"""The training loop, shared by every method (evaluation: ``qdet.evaluation``).
 
 One process or many (``torchrun --nproc_per_node N -m qdet train ...``: DistributedSampler,
 gloo on CPU, nccl on GPU; rank 0 logs and writes checkpoints). Each epoch ends with a COCO
@@ -9,9 +9,7 @@ where an uninterrupted run would be.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -22,22 +20,14 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from pycocotools.cocoeval import COCOeval
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-from rich.table import Table
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 
-from .base import Detector, postprocess
+from .base import Detector
 from .checkpoint import model_checkpoint, save_checkpoint
 from .criterion import SetCriterion
 from .data import AugmentConfig, DetectionDataset, collate
+from .evaluation import console, evaluate, progress_bar, stats_table
 from .shapes import ShapesConfig
-
-console = Console()
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
-              "ARl")
 
 
 @dataclass
@@ -89,14 +79,6 @@ def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world, torch.device(device)
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def unwrap(model) -> Detector:
-    return model.module if hasattr(model, "module") else model
 
 
 # ------------------------------------------------------------------------ optimizer
@@ -161,85 +143,6 @@ def to_device(images, targets, device):
     targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
                for t in targets]
     return images, targets
-
-
-def progress_bar(disable: bool = False) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console, disable=disable, transient=False)
-
-
-# ----------------------------------------------------------------------- evaluation
-
-
-def _shard(dataset, rank: int, world: int):
-    return dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
-
-
-@torch.no_grad()
-def predict_dataset(model: Detector, dataset: DetectionDataset, device, batch_size: int = 8,
-                    num_workers: int = 0, show_progress: bool = True,
-                    bf16: bool = False) -> list[dict]:
-    """COCO-style results (original image and category ids, xywh boxes) for a dataset;
-    under torchrun each rank runs its share and rank 0 receives all."""
-    model.eval()
-    net = unwrap(model)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    loader = DataLoader(_shard(dataset, rank, world), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=collate)
-    results = []
-    with progress_bar(disable=not (show_progress and is_main())) as bar:
-        task = bar.add_task("eval", total=len(loader), info="")
-        for images, targets in loader:
-            images = [im.to(device) for im in images]
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                outputs = model(images)
-            sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-            for t, det in zip(targets, postprocess(outputs, sizes, net.focal)):
-                for s, lab, (x0, y0, x1, y1) in zip(det["scores"].tolist(), det["labels"].tolist(),
-                                                    det["boxes"].tolist()):
-                    results.append({"image_id": t["image_id"],
-                                    "category_id": net.category_ids[lab],
-                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "score": s})
-            bar.advance(task)
-    if world > 1:
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object(results, gathered, dst=0)
-        results = [r for part in gathered for r in part] if rank == 0 else []
-    return results
-
-
-def coco_stats(dataset: DetectionDataset, results: list[dict]) -> dict[str, float]:
-    """pycocotools bbox metrics; all zeros when there is no detection at all."""
-    if not results:
-        return {k: 0.0 for k in STAT_NAMES}
-    gt = dataset.coco_gt()
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes([dict(r) for r in results])  # loadRes adds fields in place
-        ev = COCOeval(gt, dt, "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {k: max(float(v), 0.0) for k, v in zip(STAT_NAMES, ev.stats)}
-
-
-def evaluate(model: Detector, dataset: DetectionDataset, device, batch_size: int = 8,
-             num_workers: int = 0, show_progress: bool = True, bf16: bool = False):
-    """Returns ``(stats, results)``; stats are only meaningful on rank 0."""
-    results = predict_dataset(model, dataset, device, batch_size, num_workers, show_progress,
-                              bf16)
-    stats = coco_stats(dataset, results) if is_main() else {}
-    return stats, results
-
-
-def stats_table(stats: dict[str, float], title: str = "COCO bbox") -> Table:
-    table = Table(title=title)
-    for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"):
-        table.add_column(k, justify="right")
-    table.add_row(*(f"{stats[k]:.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl",
-                                                 "AR100")))
-    return table
 
 
 # ------------------------------------------------------------------------- training
