@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from .bench_cli import bench_app
 from .registry import ARCHS
+from .terminal import Device, console, err, fail, pick_device
 
 app = typer.Typer(
     help="qdet: query-based object detectors (DETR family). Train on the built-in shapes "
@@ -19,16 +20,7 @@ app = typer.Typer(
     rich_markup_mode="markdown")
 data_app = typer.Typer(help="Built-in datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-bench_app = typer.Typer(help="Benchmarks: times and peak memory, as ratios against a "
-                             "baseline measured in the same run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-console = Console()
-err = Console(stderr=True)
-
-
-def fail(message: str, code: int = 1):
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def parse_sets(items: list[str] | None) -> tuple[dict, dict]:
@@ -46,16 +38,6 @@ def parse_sets(items: list[str] | None) -> tuple[dict, dict]:
             fail(f"--set expects KEY=VALUE, got {item!r}")
         (train if key.split(".")[0] in train_keys else model)[key.strip()] = value.strip()
     return model, train
-
-
-def pick_device(device: Optional[str]) -> str:
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return device
 
 
 def find_weights(weights: Optional[Path]) -> Path:
@@ -109,10 +91,6 @@ def eval_dataset(model, weights: Path, data: Optional[Path], images: Optional[Pa
 
 Arch = Annotated[str, typer.Option("--arch", "-a",
                                    help=f"Architecture: {', '.join(ARCHS)}.")]
-Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N; default: CUDA when "
-                                               "available, else CPU.")]
-
-
 @app.command()
 def train(
     arch: Arch = "detr",
@@ -332,139 +310,6 @@ def match_debug_cmd(
         draw(dataset.raw_image(index), result, names).save(save)
         if not as_json:
             console.print(f"drawing saved to {save}")
-
-
-@bench_app.command("deform-attn")
-def bench_deform_attn_cmd(
-    device: Device = None,
-    repeat: Annotated[int, typer.Option(help="Timed runs per measurement (median).")] = 3,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-):
-    """Multi-scale deformable attention: each backend against the torch reference at
-    Deformable DETR's encoder (queries = all pixels) and decoder (300 queries) shapes."""
-    from .bench import bench_deform_attn, machine_description
-
-    device = pick_device(device)
-    rows = bench_deform_attn(device, repeat)
-    if as_json:
-        console.print_json(json.dumps({"machine": machine_description(device), "rows": rows}))
-        return
-    table = Table(title=f"ms_deform_attn on {machine_description(device)} (batch 2, 8 heads "
-                        "x 32, 4 levels from 100x150, 4 points, float32)")
-    for col in ("shape", "backend", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd x",
-                "fwd+bwd x", "memory x"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(f"{r['shape']} ({r['queries']} q)", r["backend"],
-                      f"{r['forward_s'] * 1e3:.1f}", f"{r['forward_backward_s'] * 1e3:.1f}",
-                      f"{r['forward_backward_peak_mib']:.0f}", f"{r['forward_speedup']:.2f}",
-                      f"{r['forward_backward_speedup']:.2f}", f"{r['memory_ratio']:.3f}")
-    console.print(table)
-    console.print("x: speed-up over the torch reference (higher is better); memory x: peak "
-                  "memory of forward+backward relative to it (lower is better)")
-
-
-@bench_app.command("models")
-def bench_models_cmd(
-    arch: Annotated[Optional[list[str]], typer.Option("--arch", "-a", help="Architecture(s) "
-                                                      "to measure (repeatable); default: "
-                                                      "all.")] = None,
-    device: Device = None,
-    size: Annotated[str, typer.Option(help="Inference input HxW.")] = "800x1066",
-    batch: Annotated[int, typer.Option(help="Inference batch size.")] = 1,
-    repeat: Annotated[int, typer.Option(help="Timed runs per measurement (median).")] = 3,
-    train: Annotated[bool, typer.Option(help="Also time a training step of the built-in "
-                                        "preset (batch 16, 128 px).")] = True,
-    compile: Annotated[bool, typer.Option("--compile", help="Compile the transformer in the "
-                                          "fast path.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
-):
-    """Inference latency (paper configuration, random weights) of the eager model, the fast
-    path and the fast path in bfloat16, and training step time eager vs bf16+channels_last,
-    with peak memory; ratios against eager measured in the same run."""
-    from .bench import bench_inference, bench_training, machine_description
-
-    device = pick_device(device)
-    try:
-        h, w = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        fail(f"--size must look like 800x1066, got {size!r}")
-    names = arch or list(ARCHS)
-    for name in names:
-        if name not in ARCHS:
-            fail(f"unknown architecture {name!r}; choose from {', '.join(ARCHS)}")
-    infer, trains = [], []
-    for name in names:
-        infer += bench_inference(name, device, (h, w), batch, repeat, compile=compile)
-        if train:
-            trains += bench_training(name, device, repeat=repeat)
-    machine = machine_description(device)
-    if as_json:
-        console.print_json(json.dumps({"machine": machine, "inference": infer,
-                                       "training": trains}))
-        return
-    table = Table(title=f"inference at {h}x{w}, batch {batch}, {machine}")
-    for col in ("arch", "mode", "ms", "img/s", "speed x", "peak MiB", "max rel diff"):
-        table.add_column(col, justify="right")
-    for r in infer:
-        table.add_row(r["arch"], r["mode"], f"{r['seconds'] * 1e3:.0f}",
-                      f"{r['images_per_s']:.2f}", f"{r['speedup']:.2f}", f"{r['peak_mib']:.0f}",
-                      f"{r['max_rel_diff']:.1e}")
-    console.print(table)
-    if trains:
-        table = Table(title=f"training step, built-in preset, batch 16 at 128 px, {machine}")
-        for col in ("arch", "mode", "ms", "img/s", "speed x", "peak MiB"):
-            table.add_column(col, justify="right")
-        for r in trains:
-            table.add_row(r["arch"], r["mode"], f"{r['seconds'] * 1e3:.0f}",
-                          f"{r['images_per_s']:.1f}", f"{r['speedup']:.2f}", f"{r['peak_mib']:.0f}")
-        console.print(table)
-
-
-@bench_app.command("matcher")
-def bench_matcher_cmd(
-    batch: Annotated[int, typer.Option(help="Images.")] = 32,
-    queries: Annotated[int, typer.Option(help="Queries per image.")] = 300,
-    targets: Annotated[int, typer.Option(help="Targets per image.")] = 20,
-):
-    """Hungarian matcher: qdet's batched cost against the official flattened formulation."""
-    from .bench import bench_matcher
-
-    table = Table(title=f"matcher, batch {batch}, {queries} queries, {targets} targets/image")
-    for col in ("class cost", "official ms", "qdet ms", "speed x"):
-        table.add_column(col, justify="right")
-    for r in bench_matcher(batch, queries, targets):
-        table.add_row(r["class_cost"], f"{r['official_s'] * 1e3:.1f}", f"{r['qdet_s'] * 1e3:.1f}",
-                      f"{r['speedup']:.2f}")
-    console.print(table)
-
-
-@bench_app.command("rcda")
-def bench_rcda_cmd(
-    device: Device = None,
-    repeat: Annotated[int, typer.Option(help="Timed runs per measurement (median).")] = 3,
-    height: Annotated[int, typer.Option(help="Feature map height (DC5 of 800x1200: 50).")] = 50,
-    width: Annotated[int, typer.Option(help="Feature map width (DC5 of 800x1200: 75).")] = 75,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-):
-    """Anchor DETR: row-column decoupled attention vs standard attention, time and peak
-    memory of forward+backward for one encoder and one decoder layer (d 256, 8 heads, 900
-    queries) at a DC5-sized feature map, the paper's reason for RCDA."""
-    from .bench import bench_rcda, machine_description
-
-    device = pick_device(device)
-    rows = bench_rcda(device, repeat, (height, width))
-    if as_json:
-        console.print_json(json.dumps({"machine": machine_description(device), "rows": rows}))
-        return
-    table = Table(title=f"Anchor DETR attention at {height}x{width}, forward+backward, "
-                        f"{machine_description(device)}")
-    for col in ("layer", "attention", "ms", "peak MiB", "speed x", "memory x"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(r["layer"], r["attention"], f"{r['seconds'] * 1e3:.1f}",
-                      f"{r['peak_mib']:.0f}", f"{r['speedup']:.2f}", f"{r['memory_ratio']:.3f}")
-    console.print(table)
 
 
 @app.command()
