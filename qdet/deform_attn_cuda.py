@@ -24,12 +24,21 @@ def _build_kernels():
     cuda = numba_cuda
 
     @cuda.jit(device=True, inline=True)
-    def bilinear_setup(x, y, h, w):
+    def bilinear_setup(loc, n, q, m, lvl, p, h, w):
+        """The top-left tap and fractional offsets of a sampling point in pixels of an h x w
+        level (grid_sample, align_corners=False); False when no tap is on the map."""
+        x = loc[n, q, m, lvl, p, 0] * w - 0.5
+        y = loc[n, q, m, lvl, p, 1] * h - 0.5
         if not (x >= -1.0 and y >= -1.0 and x <= w and y <= h):
             return False, 0, 0, 0.0, 0.0
         x0 = math.floor(x)
         y0 = math.floor(y)
         return True, int(x0), int(y0), x - x0, y - y0
+
+    @cuda.jit(device=True, inline=True)
+    def unravel(i, lq, m_, d_):
+        """(n, q, m, d) of the flat index of an [N, Lq, M, D] element."""
+        return i // (d_ * m_ * lq), (i // (d_ * m_)) % lq, (i // d_) % m_, i % d_
 
     @cuda.jit
     def forward(value, shapes, starts, loc, attn, out):
@@ -38,16 +47,12 @@ def _build_kernels():
         n_, lq, m_, d_ = out.shape
         if i >= n_ * lq * m_ * d_:
             return
-        d = i % d_
-        m = (i // d_) % m_
-        q = (i // (d_ * m_)) % lq
-        n = i // (d_ * m_ * lq)
+        n, q, m, d = unravel(i, lq, m_, d_)
         acc = 0.0
         for lvl in range(loc.shape[3]):
             h, w, s0 = shapes[lvl, 0], shapes[lvl, 1], starts[lvl]
             for p in range(loc.shape[4]):
-                ok, x0, y0, lx, ly = bilinear_setup(loc[n, q, m, lvl, p, 0] * w - 0.5,
-                                                    loc[n, q, m, lvl, p, 1] * h - 0.5, h, w)
+                ok, x0, y0, lx, ly = bilinear_setup(loc, n, q, m, lvl, p, h, w)
                 if not ok:
                     continue
                 a = attn[n, q, m, lvl, p]
@@ -70,16 +75,12 @@ def _build_kernels():
         n_, lq, m_, d_ = grad.shape
         if i >= n_ * lq * m_ * d_:
             return
-        d = i % d_
-        m = (i // d_) % m_
-        q = (i // (d_ * m_)) % lq
-        n = i // (d_ * m_ * lq)
+        n, q, m, d = unravel(i, lq, m_, d_)
         g = grad[n, q, m, d]
         for lvl in range(loc.shape[3]):
             h, w, s0 = shapes[lvl, 0], shapes[lvl, 1], starts[lvl]
             for p in range(loc.shape[4]):
-                ok, x0, y0, lx, ly = bilinear_setup(loc[n, q, m, lvl, p, 0] * w - 0.5,
-                                                    loc[n, q, m, lvl, p, 1] * h - 0.5, h, w)
+                ok, x0, y0, lx, ly = bilinear_setup(loc, n, q, m, lvl, p, h, w)
                 if not ok:
                     continue
                 a = attn[n, q, m, lvl, p]
