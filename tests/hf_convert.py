@@ -93,3 +93,17 @@ def detr_top_key(k: str) -> str:
              .replace("model.decoder.", "transformer.decoder.")
              .replace("class_labels_classifier", "class_embed")
              .replace("bbox_predictor", "bbox_embed"))
+
+
+def assert_outputs_close(out: dict, logits, boxes, aux: list) -> None:
+    """qdet's output dict against HF's final logits and boxes and its per-layer
+    ``[(logits, boxes)]``, to float32 precision."""
+    def close(a, b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    close(out["pred_logits"], logits)
+    close(out["pred_boxes"], boxes)
+    assert len(out["aux_outputs"]) == len(aux)
+    for ours, (layer_logits, layer_boxes) in zip(out["aux_outputs"], aux):
+        close(ours["pred_logits"], layer_logits)
+        close(ours["pred_boxes"], layer_boxes)

@@ -11,8 +11,8 @@ from qdet.base import batch_images
 from qdet.registry import build_model
 
 from conftest import TINY, random_images
-from hf_convert import (DECODER_NAMES, ENCODER_NAMES, detr_top_key, hf_resnet_config, mha_keys,
-                        randomize_, rename_start, to_official)
+from hf_convert import (DECODER_NAMES, ENCODER_NAMES, assert_outputs_close, detr_top_key,
+                        hf_resnet_config, mha_keys, randomize_, rename_start, to_official)
 
 transformers = pytest.importorskip("transformers")
 
@@ -83,12 +83,8 @@ def test_outputs_match_hf(hf_and_qdet, sizes):
             delta = hf.bbox_predictor(h)
             delta = torch.cat([delta[..., :2] + logit, delta[..., 2:]], -1)
             ref_aux.append((hf.class_labels_classifier(h), delta.sigmoid()))
-    torch.testing.assert_close(out["pred_logits"], ref.logits, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out["pred_boxes"], ref.pred_boxes, rtol=1e-4, atol=1e-5)
-    assert len(out["aux_outputs"]) == len(ref_aux) == 2
-    for ours, (logits, boxes) in zip(out["aux_outputs"], ref_aux):
-        torch.testing.assert_close(ours["pred_logits"], logits, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(ours["pred_boxes"], boxes, rtol=1e-4, atol=1e-5)
+    assert len(ref_aux) == 2
+    assert_outputs_close(out, ref.logits, ref.pred_boxes, ref_aux)
 
 
 def test_only_first_layer_adds_query_position_to_content():

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import qdet
-from hf_convert import (DECODER_NAMES, ENCODER_NAMES, detr_top_key, hf_resnet_config, mha_keys,
-                        randomize_, rename_start, to_official)
+from hf_convert import (DECODER_NAMES, ENCODER_NAMES, assert_outputs_close, detr_top_key,
+                        hf_resnet_config, mha_keys, randomize_, rename_start, to_official)
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,9 +74,5 @@ def test_outputs_match_hf(hf_and_qdet, sizes):
         # every decoder layer's output through the final LayerNorm and the shared heads
         hs = [hf.model.decoder.layernorm(h) for h in ref.decoder_hidden_states[1:-1]]
         ref_aux = [(hf.class_labels_classifier(h), hf.bbox_predictor(h).sigmoid()) for h in hs]
-    torch.testing.assert_close(out["pred_logits"], ref.logits, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out["pred_boxes"], ref.pred_boxes, rtol=1e-4, atol=1e-5)
-    assert len(out["aux_outputs"]) == len(ref_aux) == 2
-    for ours, (logits, boxes) in zip(out["aux_outputs"], ref_aux):
-        torch.testing.assert_close(ours["pred_logits"], logits, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(ours["pred_boxes"], boxes, rtol=1e-4, atol=1e-5)
+    assert len(ref_aux) == 2
+    assert_outputs_close(out, ref.logits, ref.pred_boxes, ref_aux)
