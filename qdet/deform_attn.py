@@ -6,12 +6,11 @@ semantics and F.grid_sample's bilinear rule (``align_corners=False``, zero paddi
 outside a map contribute zero):
 
 - ``torch``: the pure-PyTorch reference (grid_sample), kept as the ground truth;
-- ``numba``: fused CPU kernels (``qdet.deform_attn_cpu``), forward and backward, that never
-  materialize the ``[N,M,D,Lq,L,P]`` samples. Each parallel task owns the outputs it writes,
-  so results are deterministic;
-- ``cuda``: Numba CUDA kernels (``qdet.deform_attn_cuda``) on torch's current stream,
-  reading torch tensors in place (atomics scatter the value gradient, so its float sums may
-  differ run to run).
+- ``numba``: fused CPU kernels (``qdet.deform_attn_kernels``), forward and backward, that
+  never materialize the ``[N,M,D,Lq,L,P]`` samples. Each parallel task owns the outputs it
+  writes, so results are deterministic;
+- ``cuda``: Numba CUDA kernels (same module) on torch's current stream, reading torch tensors
+  in place (atomics scatter the value gradient, so its float sums may differ run to run).
 
 All three sit behind one custom op with a registered backward (``torch.library``), which
 torch.compile treats as a single opaque call. float32 and float64 are computed as given;
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import deform_attn_cpu, deform_attn_cuda
+from . import deform_attn_kernels as kernels
 
 BACKENDS = ("torch", "numba", "cuda")
 
@@ -63,9 +62,9 @@ def _pairs(shapes: list[int]) -> list[tuple[int, int]]:
 @torch.library.custom_op("qdet::ms_deform_attn", mutates_args=())
 def _msda(value: Tensor, shapes: list[int], loc: Tensor, attn: Tensor, backend: str) -> Tensor:
     if backend == "numba":
-        return deform_attn_cpu.forward(value, shapes, loc, attn)
+        return kernels.forward_cpu(value, shapes, loc, attn)
     if backend == "cuda":
-        return deform_attn_cuda.forward(value, shapes, loc, attn)
+        return kernels.forward_cuda(value, shapes, loc, attn)
     with torch.no_grad():
         return ms_deform_attn_torch(value, _pairs(shapes), loc, attn)
 
@@ -80,9 +79,9 @@ def _(value, shapes, loc, attn, backend):
 def _msda_backward(grad: Tensor, value: Tensor, shapes: list[int], loc: Tensor, attn: Tensor,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "numba":
-        return deform_attn_cpu.backward(grad, value, shapes, loc, attn)
+        return kernels.backward_cpu(grad, value, shapes, loc, attn)
     if backend == "cuda":
-        return deform_attn_cuda.backward(grad, value, shapes, loc, attn)
+        return kernels.backward_cuda(grad, value, shapes, loc, attn)
     with torch.enable_grad():
         _, vjp = torch.func.vjp(lambda v, lo, a: ms_deform_attn_torch(v, _pairs(shapes), lo, a),
                                 value, loc, attn)

@@ -142,8 +142,7 @@ CUDASIM = r"""
 import numpy as np, torch
 from numba import cuda
 from qdet.deform_attn import ms_deform_attn_torch
-from qdet.deform_attn_cpu import level_tables
-from qdet.deform_attn_cuda import launch_backward, launch_forward
+from qdet.deform_attn_kernels import launch_backward, launch_forward, level_tables
 torch.manual_seed(0)
 shapes = [(3, 4), (2, 2), (1, 1)]
 n, lq, m, d, p = 2, 3, 2, 3, 2
@@ -183,7 +182,7 @@ def test_value_gradient_chunking_matches():
     every split gives the same result, in both value layouts."""
     import numpy as np
 
-    from qdet import deform_attn_cpu as da
+    from qdet import deform_attn_kernels as da
 
     for lq in (2, 40):  # 2 queries: caller's layout; 40: head-major copy
         value, loc, attn = inputs(n=1, lq=lq, m=2, d=6, shapes=[(3, 4), (2, 2)])
