@@ -17,9 +17,9 @@ What differs from DETR:
   paper defaults: 6+6 layers, FFN 1024, dropout 0.
 
 Module names follow the official repository (megvii-research/AnchorDETR), whose checkpoints
-load without renaming. Its training script dilates by default: C5 and DC5 checkpoints have
-identical keys, so say which one you load (``args.dilation`` in the file, or "dc5" in its
-name).
+load without renaming (``qdet.official``). Its training script dilates by default: C5 and DC5
+checkpoints have identical keys, so say which one you load (``args.dilation`` in the file, or
+"dc5" in its name).
 """
 from __future__ import annotations
 
@@ -30,17 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import FROM_SCRATCH, Backbone
-from .base import Detector, MLP, batch_images, box_from_reference, layer_outputs
-from .detr import count_layers, official_dilation, resnet_from_keys
-from .engine import SHAPES_TRAIN
-from .matcher import LossConfig, focal_loss_config, loss_from_args
+from .backbone import Backbone
+from .base import (Detector, LossConfig, MLP, MethodSpec, batch_images, box_from_reference,
+                   focal_loss_config, layer_outputs)
 from .position_encoding import sine_embed_points
 
 
 @dataclass
 class Config:
-    """Anchor DETR (R50-C5, RCDA) as in the paper; SHAPES overrides it for the built-in data."""
+    """Anchor DETR (R50-C5, RCDA) as in the paper (``qdet.presets`` holds the built-in data's
+    preset)."""
     num_classes: int = 91
     backbone: str = "resnet50"
     backbone_layer: int = 4          # stage feeding the transformer (3 = stride 16)
@@ -269,49 +268,4 @@ class AnchorDETR(Detector):
         return layer_outputs(logits, boxes, self.config.aux_loss)
 
 
-Model = AnchorDETR
-
-# ---------------------------------------------------------------- official checkpoints
-
-
-def is_official(sd: dict) -> bool:
-    return "backbone.body.conv1.weight" in sd and "transformer.pattern.weight" in sd
-
-
-def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
-    """megvii-research/AnchorDETR checkpoint -> (Config, state dict). Dilation (C5 vs DC5,
-    identical keys) comes from ``args.dilation``, else from "dc5" in the file name."""
-    if "transformer.level_embed.weight" in sd or any(".level_fc." in k for k in sd):
-        raise ValueError("multi-level Anchor DETR checkpoints are not supported (no official "
-                         "release uses them); qdet loads the single-level C5/DC5 models")
-    d = sd["transformer.pattern.weight"].shape[1]
-    rcda = sd["transformer.encoder_layers.0.self_attn.in_proj_weight"].shape[0] == 5 * d
-    learned = "transformer.position.weight" in sd
-    cfg = Config(
-        num_classes=sd["transformer.class_embed.0.weight"].shape[0],
-        backbone=resnet_from_keys(sd, "backbone.body."), dilation=official_dilation(args),
-        d_model=d, nheads=int(args.get("nheads", 8)),
-        enc_layers=count_layers(sd, "transformer.encoder_layers."),
-        dec_layers=count_layers(sd, "transformer.decoder_layers."),
-        dim_feedforward=sd["transformer.encoder_layers.0.ffn.linear1.weight"].shape[0],
-        num_anchors=(sd["transformer.position.weight"].shape[0] if learned
-                     else int(args.get("num_query_position", 289))),
-        num_patterns=sd["transformer.pattern.weight"].shape[0],
-        spatial_prior="learned" if learned else "grid",
-        attention="rcda" if rcda else "standard",
-        loss=loss_from_args(args, focal=True))
-    state = {k: v for k, v in sd.items() if not k.endswith(("total_params", "total_ops"))}
-    return cfg, state
-
-
-# ------------------------------------------------------------------------- presets
-
-# Paper recipe: 8 GPUs x 1 image, 50 epochs, lr 1e-4 (backbone 1e-5), drop at 40.
-PAPER = dict(train=dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, batch_size=1,
-                        epochs=50, lr_drops=(40,), clip_max_norm=0.1))
-
-SHAPES = dict(
-    model=dict(**FROM_SCRATCH, backbone_layer=3, d_model=128, nheads=8, enc_layers=3, dec_layers=3,
-               dim_feedforward=512, num_anchors=10, num_patterns=2),
-    train=dict(SHAPES_TRAIN),
-)
+SPEC = MethodSpec(Config, AnchorDETR)

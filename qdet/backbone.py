@@ -2,7 +2,8 @@
 
 Pretrained-backbone habits (frozen BatchNorm statistics, a frozen stem and first stage) are
 options here, not fixed: official checkpoints use them, while a from-scratch run on the
-built-in data trains better with ordinary BatchNorm and every layer trainable.
+built-in data trains better with ordinary BatchNorm and every layer trainable
+(``qdet.presets.FROM_SCRATCH``).
 """
 from __future__ import annotations
 
@@ -20,11 +21,6 @@ from .base import resize_mask
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 # trainable=k trains the top k of these (torchvision's `trainable_layers` convention)
 _STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
-
-
-# The backbone part of every built-in-data preset: no pretrained weights, so ordinary
-# BatchNorm and every stage trained (habits for pretrained backbones do not fit here).
-FROM_SCRATCH = dict(backbone="resnet18", frozen_bn=False, backbone_trainable=5)
 
 
 def resnet_channels(name: str) -> list[int]:

@@ -11,10 +11,17 @@ Every model subclasses :class:`Detector`. Its ``forward`` takes a normalized flo
 - ``enc_outputs``: one such dict for a supervised encoder (two-stage models), when present.
 
 Generic code (matcher, criterion, post-processing, engine, match-debug) relies only on this
-contract and on ``model.config.loss``; it never special-cases a method.
+contract, on the class attribute ``focal`` (softmax + "no object" head, or sigmoid focal
+head: a fixed property of the architecture) and on ``model.config.loss``; it never
+special-cases a method.
+
+Each method file exports a :class:`MethodSpec` as ``SPEC``: its config class and its model
+class. The registry pairs it with the method's presets (``qdet.presets``) and its
+official-checkpoint hooks (``qdet.official``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -23,10 +30,40 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 
+@dataclass
+class LossConfig:
+    """Matcher costs and loss weights; one instance per model config. Whether the class
+    terms are softmax or sigmoid focal is not here: it is the model's ``focal``."""
+    class_cost: float = 1.0
+    bbox_cost: float = 5.0
+    giou_cost: float = 2.0
+    class_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    eos_coef: float = 0.1          # softmax: weight of the no-object class
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    # two-stage: encoder proposals are scored object-vs-background (every target label 0)
+    enc_class_agnostic: bool = False
+
+
+def focal_loss_config() -> LossConfig:
+    """The weights of Deformable DETR and its sigmoid-focal successors (class cost and loss
+    weight 2; L1 5; GIoU 2)."""
+    return LossConfig(class_cost=2.0, class_weight=2.0)
+
+
 class Detector(nn.Module):
-    """Base class: holds the config and the label metadata that a checkpoint carries."""
+    """Base class: holds the config and the label metadata that a checkpoint carries.
+
+    Subclasses set ``arch`` (the registry name), ``focal`` (True: sigmoid focal head with
+    ``C`` outputs; False: softmax head with ``C+1``, the last "no object") and
+    ``compiled_parts`` (the submodules ``compile_transformer`` compiles).
+    """
 
     arch: str = ""
+    focal: bool = True
+    compiled_parts: tuple[str, ...] = ("transformer",)
 
     def __init__(self, config):
         super().__init__()
@@ -37,13 +74,23 @@ class Detector(nn.Module):
         # inference resize (shorter side, longer-side cap); official models: 800 / 1333
         self.preprocess: dict = {"size": 800, "max_size": 1333}
 
-    @property
-    def focal(self) -> bool:
-        return self.config.loss.focal
-
     def compile_transformer(self) -> None:
-        """torch.compile the transformer in place (parameter names are unchanged)."""
-        self.transformer.compile()
+        """torch.compile the model's ``compiled_parts`` in place (parameter names are
+        unchanged)."""
+        for name in self.compiled_parts:
+            getattr(self, name).compile()
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method file exports: its config dataclass (the paper's defaults) and its
+    model class (a :class:`Detector` built from that config)."""
+    config: type
+    model: type[Detector]
+
+    @property
+    def arch(self) -> str:
+        return self.model.arch
 
 
 def batch_images(images: Tensor | Sequence[Tensor], divisor: int = 1) -> tuple[Tensor, Tensor]:

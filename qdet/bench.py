@@ -264,11 +264,12 @@ def bench_training(arch: str, device: str = "cpu", batch: int = 16, size: int = 
     from .criterion import SetCriterion
     from .data import collate
     from .data import ShapesDataset
-    from .registry import arch_module, build_model
+    from .presets import preset
+    from .registry import build_model
     from .shapes import ShapesConfig
 
     dev = torch.device(device)
-    preset = arch_module(arch).SHAPES["model"]
+    shapes_model = preset(arch, "shapes").model
     data = ShapesDataset("train", ShapesConfig(image_size=size))
     images, targets = collate([data[i] for i in range(batch)])
     images = [im.to(dev) for im in images]
@@ -276,11 +277,11 @@ def bench_training(arch: str, device: str = "cpu", batch: int = 16, size: int = 
     rows = []
     for mode in modes:
         torch.manual_seed(0)
-        model = build_model(arch, {**preset, "num_classes": 5}).to(dev).train()
+        model = build_model(arch, {**shapes_model, "num_classes": 5}).to(dev).train()
         fast = mode != "eager"
         if fast:
             model.to(memory_format=torch.channels_last)
-        crit = SetCriterion(5, model.config.loss).to(dev)
+        crit = SetCriterion(5, model.config.loss, model.focal).to(dev)
         opt = torch.optim.AdamW(model.parameters(), 1e-4, foreach=True)
 
         def step():
@@ -306,7 +307,8 @@ def bench_matcher(batch: int = 32, queries: int = 300, targets: int = 20, classe
     from scipy.optimize import linear_sum_assignment
     from torchvision.ops import box_convert, generalized_box_iou
 
-    from .matcher import HungarianMatcher, LossConfig
+    from .base import LossConfig
+    from .matcher import HungarianMatcher
 
     g = torch.Generator().manual_seed(0)
     outputs = {"pred_logits": torch.randn(batch, queries, classes, generator=g),
@@ -315,8 +317,8 @@ def bench_matcher(batch: int = 32, queries: int = 300, targets: int = 20, classe
              "boxes": torch.rand(targets, 4, generator=g) * 0.5 + 0.25} for _ in range(batch)]
     rows = []
     for focal in (False, True):
-        cfg = LossConfig(focal=focal, class_cost=2.0 if focal else 1.0)
-        ours = HungarianMatcher(cfg)
+        cfg = LossConfig(class_cost=2.0 if focal else 1.0)
+        ours = HungarianMatcher(cfg, focal)
 
         def flattened():  # the formulation of the official repositories
             logits = outputs["pred_logits"].flatten(0, 1)

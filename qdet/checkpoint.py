@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .base import Detector
-from .registry import arch_module, config_from_dict, config_to_dict, official_arch
+from .registry import config_from_dict, config_to_dict, method
 
 FORMAT = "qdet-1"
 SAFE_TYPES = [argparse.Namespace]
@@ -77,11 +77,27 @@ def model_checkpoint(model: Detector, **extra) -> dict:
             "preprocess": dict(model.preprocess), **extra}
 
 
+def _upgrade_config(arch: str, config: dict, source: str) -> dict:
+    """A stored config from before fields were removed: ``loss.focal`` (the head kind is now
+    the architecture's, so it must agree) and Conditional DETR's unused ``pre_norm``."""
+    config = {**config, "loss": dict(config.get("loss", {}))}
+    focal = config["loss"].pop("focal", None)
+    if focal is not None and bool(focal) != method(arch).focal:
+        raise CheckpointError(
+            f"{source}: trained with loss.focal={focal}, which gives {arch} a class head it "
+            "does not have (the head kind is fixed by the architecture); retrain without "
+            "--set loss.focal")
+    if arch == "conditional":
+        config.pop("pre_norm", None)
+    return config
+
+
 def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> Detector:
     """Build the model a checkpoint dict describes (qdet or official layout)."""
     if ckpt.get("format") == FORMAT:
-        mod = arch_module(ckpt["arch"])
-        model = mod.Model(config_from_dict(mod.Config, ckpt["config"]))
+        m = method(ckpt["arch"])
+        model = m.model(config_from_dict(
+            m.config, _upgrade_config(ckpt["arch"], ckpt["config"], source)))
         _load_state(model, ckpt["model"], source)
         model.class_names = list(ckpt["class_names"])
         model.category_ids = list(ckpt["category_ids"])
@@ -91,20 +107,18 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> Detector:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{source}: no state dict found (expected a qdet checkpoint or an "
                               "official release checkpoint {'model': state_dict, ...})")
-    arch = official_arch(state)
-    if arch is None:
+    from .official import coco_labels, official_arch, read_official
+
+    if official_arch(state) is None:
         raise CheckpointError(f"{source}: the state dict's keys match no architecture's official "
                               f"layout (first keys: {list(state)[:4]})")
     args = ckpt.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     args.setdefault("_filename", os.path.basename(source))  # e.g. "dc5" in a release's name
-    mod = arch_module(arch)
-    cfg, state = mod.official_config(state, args)
-    model = mod.Model(cfg)
+    arch, cfg, state = read_official(state, args)
+    model = method(arch).model(cfg)
     _load_state(model, state, source)
-    from .data import coco_labels  # official releases are COCO models
-
-    model.category_ids, model.class_names = coco_labels(cfg.num_classes)
+    model.category_ids, model.class_names = coco_labels(cfg.num_classes)  # COCO releases
     return model
 
 

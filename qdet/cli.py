@@ -25,7 +25,7 @@ app.add_typer(bench_app, name="bench")
 
 def parse_sets(items: list[str] | None) -> tuple[dict, dict]:
     """``--set key=value``: keys of the training config (``lr``, ``augment.crop``) go to
-    training, every other key to the model config (``d_model``, ``loss.focal``)."""
+    training, every other key to the model config (``d_model``, ``loss.giou_weight``)."""
     from dataclasses import fields
 
     from .engine import TrainConfig
@@ -41,7 +41,7 @@ def parse_sets(items: list[str] | None) -> tuple[dict, dict]:
 
 
 def find_weights(weights: Optional[Path]) -> Path:
-    from .engine import latest_run
+    from .runs import latest_run
 
     if weights is not None:
         if not weights.is_file():
@@ -89,11 +89,13 @@ def eval_dataset(model, weights: Path, data: Optional[Path], images: Optional[Pa
         fail(str(e))
 
 
-Arch = Annotated[str, typer.Option("--arch", "-a",
-                                   help=f"Architecture: {', '.join(ARCHS)}.")]
+Arch = Annotated[Optional[str], typer.Option(
+    "--arch", "-a", help=f"Architecture: {', '.join(ARCHS)} (default: detr).")]
+
+
 @app.command()
 def train(
-    arch: Arch = "detr",
+    arch: Arch = None,
     data: Annotated[Optional[Path], typer.Option(help="COCO-format training annotations "
                                                  "(JSON). Default: the built-in shapes "
                                                  "data.")] = None,
@@ -124,13 +126,14 @@ def train(
         help="Local torchvision ResNet state dict to start the backbone from.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Override any model or training option, KEY=VALUE (repeatable), e.g. "
-                      "--set d_model=128 --set loss.focal=true --set augment.crop=false.")] = None,
+                      "--set d_model=128 --set loss.giou_weight=3 --set augment.crop=false.")
+    ] = None,
 ):
     """Train a detector. With no data options: the built-in shapes data, small preset
     (about 10 minutes on a 2-core CPU). Multi-process: torchrun --nproc_per_node N -m qdet
     train ..."""
     from .data import DataError
-    from .engine import fit
+    from .runs import fit
 
     model_o, train_o = parse_sets(set_)
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
@@ -144,10 +147,12 @@ def train(
     if preset not in (None, "shapes", "paper"):
         fail(f"--preset must be 'shapes' or 'paper', got {preset!r}")
     try:
-        result = fit(arch, data and str(data), images and str(images),
-                     val_data and str(val_data), val_images and str(val_images),
-                     out and str(out), resume, pick_device(device), preset, model_o, train_o,
-                     backbone_weights and str(backbone_weights))
+        result = fit(arch, data=data and str(data), images=images and str(images),
+                     val_data=val_data and str(val_data),
+                     val_images=val_images and str(val_images), out=out and str(out),
+                     resume=resume, device=pick_device(device), preset=preset,
+                     model_overrides=model_o, train_overrides=train_o,
+                     backbone_weights=backbone_weights and str(backbone_weights))
     except (DataError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
         fail(str(e))
     console.print(f"run saved in {result['out']} (best.pt, last.pt, metrics.jsonl)")
@@ -174,7 +179,8 @@ def eval_(
                                           "of same-sized images.")] = False,
 ):
     """COCO bbox metrics (AP, AP50, AP75, APs/m/l, AR@100) of a checkpoint on a dataset."""
-    from .evaluation import coco_stats, predict_dataset, stats_table
+    from .evaluation import coco_stats, predict_dataset
+    from .terminal import stats_table
 
     if not weights.is_file():
         fail(f"weights file {weights} not found")
@@ -315,14 +321,15 @@ def match_debug_cmd(
 @app.command()
 def archs():
     """List the registered architectures."""
-    from .registry import arch_module
+    from .registry import method
 
     table = Table(title="architectures")
     table.add_column("--arch")
     table.add_column("paper")
+    table.add_column("head")
     for name in ARCHS:
-        doc = (arch_module(name).__doc__ or "").strip().splitlines()[0]
-        table.add_row(name, doc)
+        m = method(name)
+        table.add_row(name, m.paper, "sigmoid focal" if m.focal else "softmax + no object")
     console.print(table)
 
 

@@ -13,29 +13,28 @@ What differs from DETR (same backbone and encoder):
 - Sigmoid focal loss and focal class cost, 300 queries, top-100 at inference.
 
 Module names follow the official repository (Atten4Vis/ConditionalDETR), so its
-checkpoints load after renaming the backbone prefix.
+checkpoints load after renaming the backbone prefix (``qdet.official``).
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import FROM_SCRATCH, Backbone
-from .base import Detector, MLP, batch_images, box_from_reference, layer_outputs
-from .detr import Encoder, count_layers, official_dilation, resnet_from_keys
-from .engine import SHAPES_TRAIN
-from .matcher import LossConfig, focal_loss_config, loss_from_args
+from .backbone import Backbone
+from .base import (Detector, LossConfig, MLP, MethodSpec, batch_images, box_from_reference,
+                   focal_loss_config, layer_outputs)
+from .layers import DETREncoder
 from .position_encoding import sine_embed_points, sine_position_embedding
 
 
 @dataclass
 class Config:
-    """Conditional DETR-R50 as in the paper; SHAPES overrides it for the built-in data."""
+    """Conditional DETR-R50 as in the paper (``qdet.presets`` holds the built-in data's
+    preset)."""
     num_classes: int = 91
     backbone: str = "resnet50"
     backbone_layer: int = 4
@@ -51,8 +50,6 @@ class Config:
     num_queries: int = 300
     aux_loss: bool = True
     loss: LossConfig = field(default_factory=focal_loss_config)
-
-    pre_norm: bool = False  # the encoder is DETR's, post-norm as in the paper
 
 
 class Attention(nn.Module):
@@ -147,7 +144,10 @@ class Decoder(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        # DETR's encoder, post-norm as in the paper
+        self.encoder = DETREncoder(cfg.d_model, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
+                                   cfg.enc_layers)
+        self.decoder = Decoder(cfg)
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
@@ -187,43 +187,4 @@ class ConditionalDETR(Detector):
         return layer_outputs(logits, boxes, self.config.aux_loss)
 
 
-Model = ConditionalDETR
-
-# ---------------------------------------------------------------- official checkpoints
-
-
-def is_official(sd: dict) -> bool:
-    return ("backbone.0.body.conv1.weight" in sd
-            and "transformer.decoder.layers.0.ca_qpos_sine_proj.weight" in sd)
-
-
-def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
-    """Atten4Vis/ConditionalDETR checkpoint -> (Config, qdet state dict); sizes from the
-    tensors, heads and dilation from ``args`` when present (else 8 and no dilation)."""
-    cfg = Config(
-        num_classes=sd["class_embed.weight"].shape[0],
-        backbone=resnet_from_keys(sd, "backbone.0.body."),
-        dilation=official_dilation(args),
-        d_model=sd["query_embed.weight"].shape[1],
-        nheads=int(args.get("nheads", 8)),
-        enc_layers=count_layers(sd, "transformer.encoder.layers."),
-        dec_layers=count_layers(sd, "transformer.decoder.layers."),
-        dim_feedforward=sd["transformer.encoder.layers.0.linear1.weight"].shape[0],
-        num_queries=sd["query_embed.weight"].shape[0],
-        loss=loss_from_args(args, focal=True))
-    return cfg, {re.sub(r"^backbone\.0\.", "backbone.", k): v for k, v in sd.items()}
-
-
-# ------------------------------------------------------------------------- presets
-
-PAPER = dict(train=dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, batch_size=2,
-                        epochs=50, lr_drops=(40,), clip_max_norm=0.1))
-
-# From scratch on the built-in shapes data in ~10 CPU minutes (the quickstart). Against the
-# shared preset (lr 2e-4, 20 queries; AP50 0.862 at the last epoch): 30 queries gave 0.875,
-# lr 3e-4 0.886 (4e-4: 0.859), both together 0.897.
-SHAPES = dict(
-    model=dict(**FROM_SCRATCH, backbone_layer=3, d_model=128, nheads=8, enc_layers=3, dec_layers=3,
-               dim_feedforward=512, dropout=0.0, num_queries=30),
-    train=dict(SHAPES_TRAIN, epochs=10, lr=3e-4, lr_backbone=3e-4),
-)
+SPEC = MethodSpec(Config, ConditionalDETR)

@@ -34,37 +34,6 @@ from . import shapes
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# COCO 2017 detection categories (id, name); ids run 1..90 with gaps.
-COCO_CATEGORIES = [
-    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"),
-    (7, "train"), (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"),
-    (13, "stop sign"), (14, "parking meter"), (15, "bench"), (16, "bird"), (17, "cat"),
-    (18, "dog"), (19, "horse"), (20, "sheep"), (21, "cow"), (22, "elephant"), (23, "bear"),
-    (24, "zebra"), (25, "giraffe"), (27, "backpack"), (28, "umbrella"), (31, "handbag"),
-    (32, "tie"), (33, "suitcase"), (34, "frisbee"), (35, "skis"), (36, "snowboard"),
-    (37, "sports ball"), (38, "kite"), (39, "baseball bat"), (40, "baseball glove"),
-    (41, "skateboard"), (42, "surfboard"), (43, "tennis racket"), (44, "bottle"),
-    (46, "wine glass"), (47, "cup"), (48, "fork"), (49, "knife"), (50, "spoon"), (51, "bowl"),
-    (52, "banana"), (53, "apple"), (54, "sandwich"), (55, "orange"), (56, "broccoli"),
-    (57, "carrot"), (58, "hot dog"), (59, "pizza"), (60, "donut"), (61, "cake"),
-    (62, "chair"), (63, "couch"), (64, "potted plant"), (65, "bed"), (67, "dining table"),
-    (70, "toilet"), (72, "tv"), (73, "laptop"), (74, "mouse"), (75, "remote"),
-    (76, "keyboard"), (77, "cell phone"), (78, "microwave"), (79, "oven"), (80, "toaster"),
-    (81, "sink"), (82, "refrigerator"), (84, "book"), (85, "clock"), (86, "vase"),
-    (87, "scissors"), (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
-]
-
-
-def coco_labels(num_classes: int) -> tuple[list[int], list[str]]:
-    """Category ids and names of an official COCO release's labels: with 80 classes the
-    labels are COCO's categories in order (detectron2 models), otherwise a label is the
-    COCO category id itself (DETR-style models, 91 classes with unused ids)."""
-    if num_classes == len(COCO_CATEGORIES):
-        return [c for c, _ in COCO_CATEGORIES], [n for _, n in COCO_CATEGORIES]
-    names = dict(COCO_CATEGORIES)
-    return list(range(num_classes)), [names.get(i, "N/A") for i in range(num_classes)]
-
-
 class DataError(ValueError):
     """Bad input data; the message names the file and what to fix."""
 
@@ -103,7 +72,20 @@ def _resize(img, boxes, size: int, max_size: int | None):
     oh, ow = detr_resize_shape(h, w, size, max_size)
     if (oh, ow) == (h, w):
         return img, boxes
-    return TF.resize(img, [oh, ow]), TF.resize(boxes, [oh, ow])
+    return TF.resize(img, [oh, ow]), None if boxes is None else TF.resize(boxes, [oh, ow])
+
+
+def normalize_image(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> float32 ``[3,H,W]`` in [0, 1], normalized with ImageNet mean/std."""
+    return TF.normalize(TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True),
+                        IMAGENET_MEAN, IMAGENET_STD)
+
+
+def eval_transform(img: Image.Image, size: int, max_size: int | None) -> torch.Tensor:
+    """The evaluation input of an image: DETR's resize (shorter side ``size``, longer at most
+    ``max_size``) and normalization; the same as the datasets' evaluation samples (``augment``
+    with ``train=False``, then ``to_sample``), which AP reproduction depends on."""
+    return normalize_image(_resize(img, None, size, max_size)[0])
 
 
 def augment(img: Image.Image, boxes: tv_tensors.BoundingBoxes, labels: torch.Tensor,
@@ -132,8 +114,7 @@ def augment(img: Image.Image, boxes: tv_tensors.BoundingBoxes, labels: torch.Ten
 def to_sample(img: Image.Image, boxes: torch.Tensor, labels: torch.Tensor, image_id: int,
               orig_size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
     """PIL image + xyxy pixel boxes -> normalized image tensor + DETR-style target."""
-    x = TF.normalize(TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True),
-                     IMAGENET_MEAN, IMAGENET_STD)
+    x = normalize_image(img)
     h, w = x.shape[-2:]
     b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     b = torch.stack([(b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h,

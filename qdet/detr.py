@@ -9,27 +9,25 @@ decoder layer is supervised (auxiliary losses). The first decoder layer's self-a
 only sees zeros and may be skipped (paper appendix, ``skip_first_self_attn``).
 
 The module and parameter names follow the official repository, so its checkpoints load by
-renaming the backbone prefix alone (see ``official_config``).
+renaming the backbone prefix alone (``qdet.official``).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import FROM_SCRATCH, Backbone
-from .base import Detector, MLP, batch_images, layer_outputs
-from .engine import SHAPES_TRAIN
-from .matcher import LossConfig, loss_from_args
+from .backbone import Backbone
+from .base import Detector, LossConfig, MLP, MethodSpec, batch_images, layer_outputs
+from .layers import DETREncoder
 from .position_encoding import sine_position_embedding
 
 
 @dataclass
 class Config:
-    """DETR-R50 as in the paper; the built-in ``shapes`` preset overrides it (see PRESETS)."""
+    """DETR-R50 as in the paper (``qdet.presets`` holds the built-in data's preset)."""
     num_classes: int = 91            # COCO's ids run to 90; label = category id for COCO
     backbone: str = "resnet50"
     backbone_layer: int = 4          # stage feeding the transformer (3 = stride 16)
@@ -47,32 +45,6 @@ class Config:
     aux_loss: bool = True
     skip_first_self_attn: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
-
-
-class EncoderLayer(nn.Module):
-    """Self-attention + FFN; the position encoding is added to queries and keys only."""
-
-    def __init__(self, d: int, nheads: int, ffn: int, dropout: float, pre_norm: bool):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d, nheads, dropout=dropout, batch_first=True)
-        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.dropout, self.dropout1, self.dropout2 = (nn.Dropout(dropout) for _ in range(3))
-        self.pre_norm = pre_norm
-
-    def ffn(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
-
-    def forward(self, src: Tensor, pos: Tensor, pad: Tensor | None) -> Tensor:
-        # src, pos: [B,HW,d]; pad: [B,HW] True on padding
-        x = self.norm1(src) if self.pre_norm else src
-        q = x + pos
-        src = src + self.dropout1(self.self_attn(q, q, x, key_padding_mask=pad,
-                                                 need_weights=False)[0])
-        if self.pre_norm:
-            return src + self.dropout2(self.ffn(self.norm2(src)))
-        src = self.norm1(src)
-        return self.norm2(src + self.dropout2(self.ffn(src)))
 
 
 class DecoderLayer(nn.Module):
@@ -109,20 +81,6 @@ class DecoderLayer(nn.Module):
         return tgt if self.pre_norm else self.norm3(tgt)
 
 
-class Encoder(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            EncoderLayer(cfg.d_model, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.pre_norm)
-            for _ in range(cfg.enc_layers))
-        self.norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else None
-
-    def forward(self, src: Tensor, pos: Tensor, pad: Tensor | None) -> Tensor:
-        for layer in self.layers:
-            src = layer(src, pos, pad)
-        return self.norm(src) if self.norm is not None else src
-
-
 class Decoder(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -146,7 +104,9 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.encoder = DETREncoder(cfg.d_model, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
+                                   cfg.enc_layers, cfg.pre_norm)
+        self.decoder = Decoder(cfg)
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
@@ -163,6 +123,7 @@ class Transformer(nn.Module):
 
 class DETR(Detector):
     arch = "detr"
+    focal = False       # softmax over C classes + "no object"
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -183,83 +144,4 @@ class DETR(Detector):
         return layer_outputs(logits, boxes, self.config.aux_loss)
 
 
-Model = DETR
-
-# ---------------------------------------------------------------- official checkpoints
-
-
-def resnet_from_keys(sd: dict, prefix: str) -> str:
-    """Infer a torchvision ResNet's depth from its state-dict keys."""
-    blocks = {int(m.group(1)) for k in sd
-              if (m := re.match(re.escape(prefix) + r"layer3\.(\d+)\.", k))}
-    n3 = max(blocks) + 1
-    bottleneck = f"{prefix}layer1.0.conv3.weight" in sd
-    table = {(False, 2): "resnet18", (False, 6): "resnet34",
-             (True, 6): "resnet50", (True, 23): "resnet101"}
-    if (bottleneck, n3) not in table:
-        raise ValueError(f"unrecognized ResNet under {prefix!r} ({n3} blocks in layer3)")
-    return table[bottleneck, n3]
-
-
-def count_layers(sd: dict, prefix: str) -> int:
-    idx = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
-    return max(idx) + 1 if idx else 0
-
-
-def official_dilation(args: dict) -> bool:
-    """DC5 or not: dilation leaves no trace in the weights, so read the checkpoint's args,
-    else look for "dc5" in the file name (as the official releases are named)."""
-    value = args.get("dilation")
-    if isinstance(value, str):  # some scripts parsed the flag as a string
-        return value.strip().lower() in ("true", "1", "yes")
-    if value is None:
-        return "dc5" in str(args.get("_filename", "")).lower()
-    return bool(value)
-
-
-def is_official(sd: dict) -> bool:
-    return ("backbone.0.body.conv1.weight" in sd and "query_embed.weight" in sd
-            and "transformer.decoder.layers.0.multihead_attn.in_proj_weight" in sd)
-
-
-def official_config(sd: dict, args: dict) -> tuple[Config, dict]:
-    """facebookresearch/detr checkpoint -> (Config, qdet state dict).
-
-    Sizes come from the tensors; what shapes cannot tell (heads, dilation, loss weights)
-    comes from the checkpoint's ``args`` when present, else the paper's defaults.
-    """
-    if "backbone.1.row_embed.weight" in sd or args.get("position_embedding") == "learned":
-        raise ValueError("this DETR checkpoint uses learned position embeddings; "
-                         "qdet implements the sine encoding of the released models")
-    if any(k.startswith("bbox_attention.") or k.startswith("detr.") for k in sd):
-        raise ValueError("this is a DETR segmentation checkpoint; qdet loads detection models")
-    d = sd["query_embed.weight"].shape[1]
-    cfg = Config(
-        num_classes=sd["class_embed.weight"].shape[0] - 1,
-        backbone=resnet_from_keys(sd, "backbone.0.body."),
-        dilation=official_dilation(args),
-        d_model=d,
-        nheads=int(args.get("nheads", 8)),
-        enc_layers=count_layers(sd, "transformer.encoder.layers."),
-        dec_layers=count_layers(sd, "transformer.decoder.layers."),
-        dim_feedforward=sd["transformer.encoder.layers.0.linear1.weight"].shape[0],
-        pre_norm="transformer.encoder.norm.weight" in sd,
-        num_queries=sd["query_embed.weight"].shape[0],
-        loss=loss_from_args(args, focal=False),
-    )
-    out = {re.sub(r"^backbone\.0\.", "backbone.", k): v for k, v in sd.items()}
-    return cfg, out
-
-
-# ------------------------------------------------------------------------- presets
-
-# Paper training recipe (COCO, 8 GPUs x 2 images): lr 1e-4, backbone 1e-5, 500 epochs.
-PAPER = dict(train=dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, batch_size=2,
-                        epochs=500, lr_drops=(400,), clip_max_norm=0.1))
-
-# From scratch on the built-in shapes data in ~10 CPU minutes: see README "Presets".
-SHAPES = dict(
-    model=dict(**FROM_SCRATCH, backbone_layer=3, d_model=128, nheads=8, enc_layers=3, dec_layers=3,
-               dim_feedforward=512, dropout=0.0, num_queries=20),
-    train=dict(SHAPES_TRAIN, epochs=10),
-)
+SPEC = MethodSpec(Config, DETR)

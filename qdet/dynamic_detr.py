@@ -15,11 +15,11 @@ Design points and where they come from:
 - Dynamic decoder (the section after 3.2): queries carry boxes (initialized to the whole image, as the
   paper describes); each layer keeps query self-attention, pools every query's box from the
   pyramid with RoIAlign, and replaces cross-attention by a dynamic interaction whose
-  parameters the query generates -- Sparse R-CNN's dynamic instance interaction, reused
-  from ``qdet.sparse_rcnn`` -- then refines the box. Boxes are detached between layers.
+  parameters the query generates -- Sparse R-CNN's dynamic instance interaction, from
+  ``qdet.dynamic_head`` -- then refines the box. Boxes are detached between layers.
 - Set loss with Hungarian matching, focal class cost (the shared switch), L1 and GIoU,
   supervision of every decoder layer. The paper's headline schedule is 1x (12 epochs, lr
-  drop at 11); PAPER below follows it.
+  drop at 11); its `paper` preset (``qdet.presets``) follows it.
 
 Where the paper is silent, the choice made here (following the Dynamic Head paper by the same
 authors, which this encoder reuses, and Sparse R-CNN for the decoder):
@@ -42,11 +42,9 @@ from torch import Tensor, nn
 from torchvision.ops import DeformConv2d, FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from .backbone import FROM_SCRATCH, Backbone
-from .base import Detector
-from .engine import SHAPES_TRAIN
-from .matcher import LossConfig, focal_loss_config
-from .sparse_rcnn import DynamicHead, decode_proposals, pad_for_pyramid
+from .backbone import Backbone
+from .base import Detector, LossConfig, MethodSpec, focal_loss_config
+from .dynamic_head import DynamicHead, decode_proposals, learned_proposals, pad_for_pyramid
 
 
 @dataclass
@@ -133,9 +131,9 @@ class EncoderBlock(nn.Module):
 
 
 class DynamicEncoder(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, d: int, num_blocks: int):
         super().__init__()
-        self.blocks = nn.ModuleList(EncoderBlock(cfg.d_model) for _ in range(cfg.enc_blocks))
+        self.blocks = nn.ModuleList(EncoderBlock(d) for _ in range(num_blocks))
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         for block in self.blocks:
@@ -145,6 +143,7 @@ class DynamicEncoder(nn.Module):
 
 class DynamicDETR(Detector):
     arch = "dynamic"
+    compiled_parts = ("encoder", "head")
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -155,37 +154,22 @@ class DynamicDETR(Detector):
                                  cfg.backbone_trainable)
         self.fpn = FeaturePyramidNetwork(self.backbone.channels, d,
                                          LastLevelP6P7(d, d) if cfg.num_levels == 5 else None)
-        self.encoder = DynamicEncoder(cfg)
-        self.init_proposal_features = nn.Embedding(cfg.num_queries, d)
-        self.init_proposal_boxes = nn.Embedding(cfg.num_queries, 4)
-        with torch.no_grad():  # every query's box starts as the whole image
-            self.init_proposal_boxes.weight[:, :2] = 0.5
-            self.init_proposal_boxes.weight[:, 2:] = 1.0
-        self.head = DynamicHead(cfg, cfg.dec_layers, first_level=3)
+        self.encoder = DynamicEncoder(d, cfg.enc_blocks)
+        self.init_proposal_features, self.init_proposal_boxes = learned_proposals(
+            cfg.num_queries, d)          # every query's box starts as the whole image
+        self.head = DynamicHead(
+            cfg.dec_layers, num_classes=cfg.num_classes, d=d, nheads=cfg.nheads,
+            ffn=cfg.dim_feedforward, dim_dynamic=cfg.dim_dynamic, num_cls=cfg.num_cls,
+            num_reg=cfg.num_reg, resolution=cfg.pooler_resolution, dropout=cfg.dropout,
+            first_level=3)
 
     def forward(self, images) -> dict:
         x, mask, sizes = pad_for_pyramid(images)
         feats = self.backbone(x, mask)
         pyramid = list(self.fpn({str(i): f for i, (f, _) in enumerate(feats)}).values())
-        return decode_proposals(self, self.encoder(pyramid), sizes)
-
-    def compile_transformer(self) -> None:
-        self.encoder.compile()
-        self.head.compile()
+        return decode_proposals(self.head, self.init_proposal_features.weight,
+                                self.init_proposal_boxes.weight, self.encoder(pyramid), sizes,
+                                self.config.aux_loss)
 
 
-Model = DynamicDETR
-
-# ------------------------------------------------------------------------- presets
-
-# 1x schedule (12 epochs, lr drop at 11); optimizer as Sparse R-CNN's (not stated).
-PAPER = dict(train=dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, batch_size=2,
-                        epochs=12, lr_drops=(11,), clip_max_norm=1.0, warmup_steps=1000))
-
-# One encoder block: torchvision's CPU deformable convolution (its backward above all) makes
-# each block cost about as much as the rest of a training step.
-SHAPES = dict(
-    model=dict(**FROM_SCRATCH, d_model=128, num_levels=3, enc_blocks=1, num_queries=20,
-               dec_layers=3, nheads=8, dim_feedforward=512, dim_dynamic=32),
-    train=dict(SHAPES_TRAIN, clip_max_norm=1.0),
-)
+SPEC = MethodSpec(Config, DynamicDETR)

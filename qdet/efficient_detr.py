@@ -5,7 +5,7 @@ Design points and where they come from (the paper's tables and figures; its meth
 not available when this was written, so section numbers are not given):
 - Structure (abstract, Fig. 5): a dense part (backbone + multi-scale deformable encoder, 3
   layers) and a sparse part (deformable decoder, 1 layer; a cascade of 6 as an option,
-  Table 2). The layers are Deformable DETR's, reused from ``qdet.deformable_detr``.
+  Table 2). The layers are Deformable DETR's (``qdet.layers``).
 - Dense prediction (Fig. 3, Fig. 5): one detection head (class + box) runs over every encoder
   position of every level. The same head serves the sparse part ("the same final detection
   head", Fig. 5). Boxes are relative to each position's anchor.
@@ -39,10 +39,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base import Detector, MLP, box_from_reference, layer_outputs
-from . import deformable_detr
-from .deformable_detr import DeformableDETR, Decoder, Encoder, encoder_proposals, valid_ratio
-from .matcher import LossConfig, focal_loss_config
+from .base import (Detector, LossConfig, MLP, MethodSpec, box_from_reference, focal_loss_config,
+                   layer_outputs)
+from .deform_attn import MSDeformAttn
+from .layers import (DeformableDecoder, DeformableEncoder, encoder_proposals, flatten_levels,
+                     multiscale_features, multiscale_input)
 from .position_encoding import sine_embed_points
 
 
@@ -73,6 +74,7 @@ class Config:
 
 class EfficientDETR(Detector):
     arch = "efficient"
+    compiled_parts = ("encoder", "decoder")
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -82,8 +84,12 @@ class EfficientDETR(Detector):
             raise ValueError(f"query_init must be 'dense' or 'learned', got {cfg.query_init!r}")
         d = cfg.d_model
         # backbone, input projections and position encodings exactly as Deformable DETR's
-        self.backbone, self.input_proj = DeformableDETR.make_inputs(cfg)
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.backbone, self.input_proj = multiscale_input(
+            cfg.backbone, cfg.dilation, cfg.frozen_bn, cfg.backbone_trainable, d,
+            cfg.num_feature_levels)
+        layer = (d, cfg.dim_feedforward, cfg.dropout, cfg.num_feature_levels, cfg.nheads)
+        self.encoder = DeformableEncoder(*layer, cfg.enc_n_points, cfg.enc_layers)
+        self.decoder = DeformableDecoder(*layer, cfg.dec_n_points, cfg.dec_layers)
         self.level_embed = nn.Parameter(torch.empty(cfg.num_feature_levels, d))
         self.pos_trans, self.pos_trans_norm = nn.Linear(d, d), nn.LayerNorm(d)
         if cfg.ref_init == "learned" or cfg.query_init == "learned":
@@ -93,7 +99,7 @@ class EfficientDETR(Detector):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
         for m in self.modules():
-            if m.__class__.__name__ == "MSDeformAttn":
+            if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
         # one detection head for the dense and the sparse part
@@ -102,17 +108,10 @@ class EfficientDETR(Detector):
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
 
-    features = DeformableDETR.features
-
     def forward(self, images) -> dict:
         cfg, d = self.config, self.config.d_model
-        srcs, masks, pos = self.features(images)
-        shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
-        src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
-        pad = torch.cat([m.flatten(1) for m in masks], 1)
-        pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[i]
-                         for i, p in enumerate(pos)], 1)
-        ratios = torch.stack([valid_ratio(m) for m in masks], 1)
+        srcs, masks, pos = multiscale_features(self.backbone, self.input_proj, images, d)
+        src, pad, pos, shapes, ratios = flatten_levels(srcs, masks, pos, self.level_embed)
         memory = self.encoder(src, pos, shapes, ratios, pad)
         b = memory.shape[0]
 
@@ -148,17 +147,5 @@ class EfficientDETR(Detector):
                              for h, r in zip(hs, [ref, *refs[:-1]])])
         return {**layer_outputs(logits, boxes, cfg.aux_loss), "enc_outputs": dense}
 
-    def compile_transformer(self) -> None:
-        self.encoder.compile()
-        self.decoder.compile()
 
-
-Model = EfficientDETR
-
-# ------------------------------------------------------------------------- presets
-
-# The paper trains 36 epochs; optimizer settings follow Deformable DETR (not stated).
-PAPER = dict(train={**deformable_detr.PAPER["train"], "epochs": 36, "lr_drops": (30,)})
-
-SHAPES = dict(model={**deformable_detr.SHAPES["model"], "dec_layers": 1},
-              train=deformable_detr.SHAPES["train"])
+SPEC = MethodSpec(Config, EfficientDETR)

@@ -1,4 +1,5 @@
-"""The training loop, shared by every method (evaluation: ``qdet.evaluation``).
+"""The training loop, shared by every method (setting up a run: ``qdet.runs``; evaluation:
+``qdet.evaluation``).
 
 One process or many (``torchrun --nproc_per_node N -m qdet train ...``: DistributedSampler,
 gloo on CPU, nccl on GPU; rank 0 logs and writes checkpoints). Each epoch ends with a COCO
@@ -20,14 +21,16 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .base import Detector
 from .checkpoint import model_checkpoint, save_checkpoint
 from .criterion import SetCriterion
 from .data import AugmentConfig, DetectionDataset, collate
-from .evaluation import console, evaluate, progress_bar, stats_table
+from .evaluation import evaluate
 from .shapes import ShapesConfig
+from .terminal import console, progress_bar, stats_table
 
 
 @dataclass
@@ -53,13 +56,6 @@ class TrainConfig:
     channels_last: bool = False         # NHWC convolutions (faster on CPU)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)  # the built-in data, if used
-
-
-# The training part of every built-in-data preset (methods override a few keys): from
-# scratch in minutes on a CPU, so a short warmup, cosine decay, bf16 where native.
-SHAPES_TRAIN = dict(lr=2e-4, lr_backbone=2e-4, weight_decay=1e-4, batch_size=16, epochs=8,
-                    schedule="cosine", warmup_steps=100, clip_max_norm=0.1, precision="auto",
-                    channels_last=True)
 
 
 # ---------------------------------------------------------------------- distribution
@@ -158,6 +154,127 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class Optimization:
+    """What one training run steps: the loss, the optimizer and the lr schedule."""
+    criterion: SetCriterion
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+
+def make_optimization(model: Detector, cfg: TrainConfig, steps_per_epoch: int,
+                      device: torch.device, resume: dict | None) -> Optimization:
+    """Criterion, AdamW and the lr schedule, restored from ``resume`` when given."""
+    criterion = SetCriterion(model.config.num_classes, model.config.loss, model.focal).to(device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+    return Optimization(criterion, optimizer, scheduler)
+
+
+def prepare_model(model: Detector, cfg: TrainConfig, device: torch.device, world: int):
+    """Switch ``model`` (already on ``device``) to the run's memory format, compile it if
+    asked, and wrap it for DDP when there are several processes; returns the module to
+    call."""
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile_transformer()
+    if world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def epoch_loader(train_set: DetectionDataset, sampler, cfg: TrainConfig, epoch: int,
+                 device: torch.device) -> DataLoader:
+    """The epoch's data order and augmentation, a function of (seed, epoch)."""
+    train_set.set_epoch(epoch)
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    gen = torch.Generator().manual_seed(cfg.seed + epoch)
+    return DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None,
+                      sampler=sampler, generator=gen, drop_last=True,
+                      num_workers=cfg.num_workers, collate_fn=collate,
+                      persistent_workers=False, pin_memory=device.type == "cuda")
+
+
+def train_step(net, opt: Optimization, images, targets, cfg: TrainConfig, bf16: bool,
+               where: str, params) -> dict[str, Tensor]:
+    """One optimization step; returns the logged losses (total, main terms, encoder)."""
+    with torch.autocast(images[0].device.type, dtype=torch.bfloat16, enabled=bf16):
+        outputs = net(images)
+    losses = opt.criterion(outputs, targets)  # in float32
+    loss = opt.criterion.weighted(losses)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"loss is {loss.item()} at {where}: "
+            f"{ {k: round(v.item(), 4) for k, v in losses.items()} }; lower --lr or check "
+            "the data")
+    opt.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_max_norm)
+    opt.optimizer.step()
+    opt.scheduler.step()
+    logged = {"loss": loss, **{k: losses[k] for k in ("loss_ce", "loss_bbox", "loss_giou")}}
+    enc = {k: v for k, v in losses.items() if k.endswith("_enc")}
+    if enc:  # two-stage / dense-prior models: the encoder's own set loss
+        logged["loss_enc"] = opt.criterion.weighted(enc)
+    return logged
+
+
+def train_one_epoch(net, model: Detector, opt: Optimization, loader: DataLoader,
+                    cfg: TrainConfig, device: torch.device, bf16: bool, epoch: int,
+                    out: Path, show: bool) -> dict:
+    """One pass over ``loader`` with a progress bar; returns the epoch's mean losses, lr,
+    steps and seconds."""
+    t0 = time.time()
+    sums: dict[str, float] = {}
+    net.train()
+    with progress_bar(disable=not show) as bar:
+        task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="")
+        for step, (images, targets) in enumerate(loader):
+            images, targets = to_device(images, targets, device)
+            try:
+                logged = train_step(net, opt, images, targets, cfg, bf16,
+                                    f"epoch {epoch + 1}, step {step}", model.parameters())
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{e}. The last good checkpoint is {out / 'last.pt'}"
+                                         ) from None
+            values = torch.stack([v.detach() for v in logged.values()]).tolist()  # 1 sync
+            for k, v in zip(logged, values):
+                sums[k] = sums.get(k, 0.0) + v
+            n = step + 1
+            bar.update(task, advance=1, info=f"loss {sums['loss'] / n:.3f} "
+                       f"lr {opt.optimizer.param_groups[0]['lr']:.2e} "
+                       f"{n / max(time.time() - t0, 1e-9):.2f} it/s")
+    return {"epoch": epoch + 1, **{k: v / max(len(loader), 1) for k, v in sums.items()},
+            "lr": opt.optimizer.param_groups[0]["lr"], "steps": len(loader),
+            "train_seconds": time.time() - t0}
+
+
+def save_epoch(model: Detector, opt: Optimization, state: RunState, cfg: TrainConfig,
+               data_spec: dict, metrics: dict, out: Path, evaluated: bool) -> None:
+    """Rank 0 after an epoch: ``last.pt`` (everything to resume), ``best.pt`` when the AP
+    improved (or without validation data), a line in ``metrics.jsonl``."""
+    ap = metrics.get("AP", -1.0)
+    improved = ap > state.best_ap or not evaluated
+    state.best_ap = max(state.best_ap, ap)
+    ckpt = model_checkpoint(model, epoch=state.epoch, best_ap=state.best_ap,
+                            optimizer=opt.optimizer.state_dict(),
+                            scheduler=opt.scheduler.state_dict(),
+                            train=dataclasses.asdict(cfg), data=data_spec, metrics=metrics)
+    save_checkpoint(out / "last.pt", ckpt)
+    if improved or not (out / "best.pt").exists():
+        save_checkpoint(out / "best.pt", {k: v for k, v in ckpt.items()
+                                          if k not in ("optimizer", "scheduler")})
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
 def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDataset | None,
           cfg: TrainConfig, out: Path, device: torch.device, data_spec: dict,
           resume: dict | None = None) -> dict:
@@ -167,201 +284,33 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
     out = Path(out)
     model.preprocess = {"size": cfg.augment.eval_size, "max_size": cfg.augment.max_size}
     model.to(device)
-    criterion = SetCriterion(model.config.num_classes, model.config.loss).to(device)
-    optimizer = make_optimizer(model, cfg)
+    steps_per_epoch = max(len(train_set) // (cfg.batch_size * world), 1)
+    opt = make_optimization(model, cfg, steps_per_epoch, device, resume)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True) if world > 1 else None
-    steps_per_epoch = max(len(train_set) // (cfg.batch_size * world), 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     state = RunState()
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
         state = RunState(epoch=resume["epoch"], best_ap=resume.get("best_ap", -1.0))
     bf16 = use_bf16(cfg, device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        model.compile_transformer()
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = prepare_model(model, cfg, device, world)
     metrics = {}
     for epoch in range(state.epoch, cfg.epochs):
         seed_everything(cfg.seed + 1000 * epoch + rank)
-        train_set.set_epoch(epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        gen = torch.Generator().manual_seed(cfg.seed + epoch)
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None,
-                            sampler=sampler, generator=gen, drop_last=True,
-                            num_workers=cfg.num_workers, collate_fn=collate,
-                            persistent_workers=False, pin_memory=device.type == "cuda")
-        t0 = time.time()
-        sums: dict[str, float] = {}
-        net.train()
-        with progress_bar(disable=rank != 0) as bar:
-            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="")
-            for step, (images, targets) in enumerate(loader):
-                images, targets = to_device(images, targets, device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    outputs = net(images)
-                losses = criterion(outputs, targets)  # in float32
-                loss = criterion.weighted(losses)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at epoch {epoch + 1}, step {step}: "
-                        f"{ {k: round(v.item(), 4) for k, v in losses.items()} }; lower --lr "
-                        f"or check the data. The last good checkpoint is {out / 'last.pt'}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_max_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
-                optimizer.step()
-                scheduler.step()
-                logged = {"loss": loss, **{k: losses[k] for k in ("loss_ce", "loss_bbox",
-                                                                   "loss_giou")}}
-                enc = {k: v for k, v in losses.items() if k.endswith("_enc")}
-                if enc:  # two-stage / dense-prior models: the encoder's own set loss
-                    logged["loss_enc"] = criterion.weighted(enc)
-                values = torch.stack([v.detach() for v in logged.values()]).tolist()  # 1 sync
-                for k, v in zip(logged, values):
-                    sums[k] = sums.get(k, 0.0) + v
-                n = step + 1
-                bar.update(task, advance=1, info=f"loss {sums['loss'] / n:.3f} "
-                           f"lr {optimizer.param_groups[0]['lr']:.2e} "
-                           f"{n / max(time.time() - t0, 1e-9):.2f} it/s")
-        metrics = {"epoch": epoch + 1, **{k: v / max(len(loader), 1) for k, v in sums.items()},
-                   "lr": optimizer.param_groups[0]["lr"], "steps": len(loader),
-                   "world_size": world, "bf16": bf16, "train_seconds": time.time() - t0}
-        if val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+        loader = epoch_loader(train_set, sampler, cfg, epoch, device)
+        metrics = train_one_epoch(net, model, opt, loader, cfg, device, bf16, epoch, out,
+                                  show=rank == 0)
+        metrics.update(world_size=world, bf16=bf16)
+        evaluate_now = val_set is not None and ((epoch + 1) % cfg.eval_every == 0
+                                                or epoch + 1 == cfg.epochs)
+        if evaluate_now:
             stats, _ = evaluate(net, val_set, device, batch_size=cfg.batch_size,
                                 num_workers=cfg.num_workers, bf16=bf16)
             metrics.update(stats)
         state.epoch = epoch + 1
         if rank == 0:
-            ap = metrics.get("AP", -1.0)
-            improved = ap > state.best_ap or val_set is None
-            state.best_ap = max(state.best_ap, ap)
-            ckpt = model_checkpoint(model, epoch=state.epoch, best_ap=state.best_ap,
-                                    optimizer=optimizer.state_dict(),
-                                    scheduler=scheduler.state_dict(),
-                                    train=dataclasses.asdict(cfg), data=data_spec,
-                                    metrics=metrics)
-            save_checkpoint(out / "last.pt", ckpt)
-            if improved or not (out / "best.pt").exists():
-                save_checkpoint(out / "best.pt", {k: v for k, v in ckpt.items()
-                                                  if k not in ("optimizer", "scheduler")})
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            save_epoch(model, opt, state, cfg, data_spec, metrics, out, val_set is not None)
             if "AP" in metrics:
                 console.print(stats_table(metrics, f"epoch {epoch + 1}: val COCO bbox"))
         if dist.is_initialized():
             dist.barrier()
     return metrics
-
-
-# ------------------------------------------------------------- setting up a training run
-
-
-def latest_run(root: Path = Path("runs")) -> Path | None:
-    """The most recently written run folder under ``root`` (by its last.pt)."""
-    runs = [p.parent for p in Path(root).glob("*/last.pt")]
-    return max(runs, key=lambda p: (p / "last.pt").stat().st_mtime) if runs else None
-
-
-def make_datasets(spec: dict, cfg: TrainConfig):
-    """(train, val) datasets from a data spec (stored in checkpoints for --resume)."""
-    from .data import CocoDataset, ShapesDataset
-
-    if spec["kind"] == "shapes":
-        return (ShapesDataset("train", cfg.shapes, cfg.augment, train=True, seed=cfg.seed),
-                ShapesDataset("val", cfg.shapes, cfg.augment, train=False, seed=cfg.seed))
-    train_set = CocoDataset(spec["train_ann"], spec["train_images"], cfg.augment, True, cfg.seed)
-    val_set = None
-    if spec.get("val_ann"):
-        val_set = CocoDataset(spec["val_ann"], spec["val_images"], cfg.augment, False, cfg.seed)
-    return train_set, val_set
-
-
-def fit(arch: str = "detr", data: str | None = None, images: str | None = None,
-        val_data: str | None = None, val_images: str | None = None, out: str | None = None,
-        resume: bool = False, device: str | None = None, preset: str | None = None,
-        model_overrides: dict | None = None, train_overrides: dict | None = None,
-        backbone_weights: str | None = None) -> dict:
-    """Set up and run training; the Python twin of ``qdet train``. Returns the last epoch's
-    metrics and the run folder.
-
-    Without ``data`` the model trains on the built-in shapes data with the method's
-    ``SHAPES`` preset; with COCO-format ``data``/``images`` it uses the paper's recipe
-    (``PAPER``). Overrides are dotted config keys (``{'d_model': 128}``,
-    ``{'augment.crop': False}``); unset options never override a preset.
-    """
-    from .checkpoint import model_from_checkpoint, read_checkpoint
-    from .registry import apply_overrides, arch_module, config_from_dict
-
-    rank, world, device_ = init_distributed(device)
-    resume_ckpt = None
-    if resume:
-        run = Path(out) if out else latest_run()
-        if run is None or not (run / "last.pt").is_file():
-            raise FileNotFoundError(f"nothing to resume: no last.pt in {run or 'runs/*'}; "
-                                    "start a run without --resume")
-        resume_ckpt = read_checkpoint(run / "last.pt")
-        model = model_from_checkpoint(resume_ckpt, str(run / "last.pt"))
-        cfg = apply_overrides(config_from_dict(TrainConfig, resume_ckpt["train"]),
-                              train_overrides or {})
-        spec, out_dir = resume_ckpt["data"], run
-        if resume_ckpt["epoch"] >= cfg.epochs:
-            raise ValueError(f"{run / 'last.pt'} already finished {resume_ckpt['epoch']} of "
-                             f"{cfg.epochs} epochs; pass a larger --epochs to continue")
-        train_set, val_set = make_datasets(spec, cfg)
-    else:
-        mod = arch_module(arch)
-        preset = preset or ("shapes" if data is None else "paper")
-        chosen = {"shapes": mod.SHAPES, "paper": mod.PAPER}[preset]
-        cfg = apply_overrides(TrainConfig(), {**chosen.get("train", {}), **(train_overrides or {})})
-        if data is None:
-            spec = {"kind": "shapes"}
-            if not any(k.startswith("augment") for k in (train_overrides or {})):
-                s = cfg.shapes.image_size
-                cfg = dataclasses.replace(cfg, augment=AugmentConfig(
-                    train_scales=(s,), max_size=None, crop=False, eval_size=s))
-        else:
-            if images is None:
-                raise ValueError("--data needs --images (the folder its file_name fields are in)")
-            if val_data is not None and val_images is None:
-                raise ValueError("--val-data needs --val-images")
-            spec = {"kind": "coco", "train_ann": str(data), "train_images": str(images),
-                    "val_ann": val_data and str(val_data),
-                    "val_images": val_images and str(val_images)}
-        train_set, val_set = make_datasets(spec, cfg)
-        overrides = {**chosen.get("model", {}), **(model_overrides or {}),
-                     "num_classes": len(train_set.category_ids)}
-        torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
-        model = mod.Model(apply_overrides(mod.Config(), overrides))
-        model.category_ids, model.class_names = train_set.category_ids, train_set.class_names
-        if backbone_weights:
-            model.backbone.load_weights(backbone_weights)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        if world > 1:
-            box = [stamp]
-            dist.broadcast_object_list(box, src=0)
-            stamp = box[0]
-        out_dir = Path(out) if out else Path("runs") / f"{arch}-{stamp}"
-        if (out_dir / "last.pt").exists():
-            raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it "
-                                  "or another --out")
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(
-            {"arch": model.arch, "model": dataclasses.asdict(model.config),
-             "train": dataclasses.asdict(cfg), "data": spec}, indent=2))
-        n_params = sum(p.numel() for p in model.parameters())
-        console.print(f"[bold]qdet train[/] {model.arch}: {n_params / 1e6:.1f}M parameters, "
-                      f"{len(train_set)} training images, {cfg.epochs} epochs, "
-                      f"batch {cfg.batch_size}x{world} on {device_} -> {out_dir}"
-                      + (f" (resuming after epoch {resume_ckpt['epoch']})" if resume_ckpt else ""))
-    metrics = train(model, train_set, val_set, cfg, out_dir, device_, spec, resume_ckpt)
-    return {"metrics": metrics, "out": str(out_dir)}

@@ -8,16 +8,12 @@ import io
 import torch
 import torch.distributed as dist
 from pycocotools.cocoeval import COCOeval
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-from rich.table import Table
 from torch.utils.data import DataLoader, Subset
 
 from .base import Detector, postprocess
 from .data import DetectionDataset, collate
+from .terminal import progress_bar
 
-console = Console()
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
               "ARl")
 
@@ -28,12 +24,6 @@ def is_main() -> bool:
 
 def unwrap(model) -> Detector:
     return model.module if hasattr(model, "module") else model
-
-
-def progress_bar(disable: bool = False) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console, disable=disable, transient=False)
 
 
 def _shard(dataset, rank: int, world: int):
@@ -95,12 +85,3 @@ def evaluate(model: Detector, dataset: DetectionDataset, device, batch_size: int
                               bf16)
     stats = coco_stats(dataset, results) if is_main() else {}
     return stats, results
-
-
-def stats_table(stats: dict[str, float], title: str = "COCO bbox") -> Table:
-    table = Table(title=title)
-    for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"):
-        table.add_column(k, justify="right")
-    table.add_row(*(f"{stats[k]:.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl",
-                                                 "AR100")))
-    return table

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .backbone import Backbone
 from .base import Detector
 
 
@@ -52,7 +53,7 @@ def optimize_for_inference(model: Detector, compile: bool = False) -> Detector:
     model.eval()
     fold_batchnorm(model)
     for m in model.modules():
-        if m.__class__.__name__ == "Backbone":
+        if isinstance(m, Backbone):
             m.to(memory_format=torch.channels_last)
     if compile:
         model.compile_transformer()

@@ -113,7 +113,7 @@ def debug_image(model: Detector, image: Tensor, target: dict, threshold: float =
     (``labels`` in the model's label space, ``boxes`` normalized cx, cy, w, h)."""
     model.eval()
     out = model([image])
-    matcher = HungarianMatcher(model.config.loss)
+    matcher = HungarianMatcher(model.config.loss, model.focal)
     tgt = [{"labels": target["labels"], "boxes": target["boxes"]}]
 
     def rows_for(o):

@@ -13,43 +13,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
-
-@dataclass
-class LossConfig:
-    """Matcher costs and loss weights; one instance per model config."""
-    focal: bool = False           # sigmoid focal loss + focal class cost, else softmax CE
-    class_cost: float = 1.0
-    bbox_cost: float = 5.0
-    giou_cost: float = 2.0
-    class_weight: float = 1.0
-    bbox_weight: float = 5.0
-    giou_weight: float = 2.0
-    eos_coef: float = 0.1          # softmax: weight of the no-object class
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    # two-stage: encoder proposals are scored object-vs-background (every target label 0)
-    enc_class_agnostic: bool = False
-
-
-def focal_loss_config() -> LossConfig:
-    """The sigmoid focal setting of Deformable DETR and its successors (class cost and loss
-    weight 2; L1 5; GIoU 2)."""
-    return LossConfig(focal=True, class_cost=2.0, class_weight=2.0)
-
-
-def loss_from_args(args: dict, focal: bool, **extra) -> LossConfig:
-    """The matcher and loss weights an official training script recorded in its ``args``
-    (DETR-family flag names), defaulting to those repositories' defaults."""
-    default_class = 2.0 if focal else 1.0
-    return LossConfig(focal=focal,
-                      class_cost=args.get("set_cost_class", default_class),
-                      bbox_cost=args.get("set_cost_bbox", 5.0),
-                      giou_cost=args.get("set_cost_giou", 2.0),
-                      class_weight=args.get("cls_loss_coef", default_class),
-                      bbox_weight=args.get("bbox_loss_coef", 5.0),
-                      giou_weight=args.get("giou_loss_coef", 2.0),
-                      eos_coef=args.get("eos_coef", 0.1),
-                      focal_alpha=args.get("focal_alpha", 0.25), **extra)
+from .base import LossConfig
 
 
 @dataclass
@@ -68,10 +32,10 @@ class CostMatrix:
 class HungarianMatcher:
     """Optimal one-to-one assignment of queries to targets, one scipy call per image."""
 
-    def __init__(self, cfg: LossConfig):
+    def __init__(self, cfg: LossConfig, focal: bool):
         if not (cfg.class_cost or cfg.bbox_cost or cfg.giou_cost):
             raise ValueError("all matcher costs are zero")
-        self.cfg = cfg
+        self.cfg, self.focal = cfg, focal
 
     @torch.no_grad()
     def costs(self, outputs: dict, targets: list[dict]) -> CostMatrix:
@@ -93,7 +57,7 @@ class HungarianMatcher:
             labels[i, : sizes[i]] = t["labels"]
             tboxes[i, : sizes[i]] = t["boxes"]
         idx = labels[:, None, :].expand(b, q, tmax)
-        if cfg.focal:
+        if self.focal:
             p = logits.sigmoid()
             a, g = cfg.focal_alpha, cfg.focal_gamma
             neg = (1 - a) * p.pow(g) * -(1 - p + 1e-8).log()

@@ -6,20 +6,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.transforms.v2 import functional as TF
 
 from .base import Detector, postprocess
-from .data import IMAGENET_MEAN, IMAGENET_STD, detr_resize_shape, load_image
-
-
-def preprocess(img: Image.Image, size: int, max_size: int | None) -> torch.Tensor:
-    """Resize as the evaluation transform (shorter side ``size``, longer at most
-    ``max_size``) and normalize with ImageNet mean/std."""
-    oh, ow = detr_resize_shape(img.height, img.width, size, max_size)
-    if (oh, ow) != (img.height, img.width):
-        img = TF.resize(img, [oh, ow])
-    x = TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
-    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+from .data import eval_transform, load_image
 
 
 @torch.inference_mode()
@@ -31,7 +20,7 @@ def detect(model: Detector, images: list[Image.Image], threshold: float = 0.5,
     results = []
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
-        xs = [preprocess(im, size, max_size).to(device) for im in chunk]
+        xs = [eval_transform(im, size, max_size).to(device) for im in chunk]
         sizes = torch.tensor([[im.height, im.width] for im in chunk], device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             outputs = model(xs)

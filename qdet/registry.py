@@ -1,16 +1,20 @@
 """The architectures qdet knows: a new method is one file plus one line in ``ARCHS``.
 
-Each method module defines ``Config`` (a dataclass with the paper's defaults), ``Model``
-(a :class:`qdet.base.Detector` built from a Config), ``PAPER`` and ``SHAPES`` presets
-(``dict(model=..., train=...)`` overrides), and for official checkpoints
-``is_official(state_dict)`` and ``official_config(state_dict, args)``.
+Each method module exports ``SPEC``, a :class:`qdet.base.MethodSpec` (its config dataclass
+with the paper's defaults, and its model class). :func:`method` pairs it with its training
+presets (``qdet.presets``), which live outside the method file; how its official release
+checkpoints are read lives in ``qdet.official``. Importing a method imports only the shared
+blocks it is built from.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from types import ModuleType
+import sys
+from dataclasses import dataclass
 from typing import Any
+
+from .base import Detector, MethodSpec
 
 ARCHS: dict[str, str] = {
     "detr": "qdet.detr",
@@ -23,10 +27,40 @@ ARCHS: dict[str, str] = {
 }
 
 
-def arch_module(name: str) -> ModuleType:
+@dataclass(frozen=True)
+class Method:
+    """One architecture: its config and model classes (the method file's ``SPEC``), its
+    head kind, its paper and its presets."""
+    name: str
+    config: type                 # dataclass, the paper's defaults
+    model: type[Detector]
+
+    @property
+    def focal(self) -> bool:
+        """Sigmoid focal head (C outputs) or softmax head (C+1, last "no object")."""
+        return self.model.focal
+
+    @property
+    def paper(self) -> str:
+        """The paper, as the first line of the method file's docstring."""
+        doc = sys.modules[self.model.__module__].__doc__ or self.name
+        return doc.strip().splitlines()[0]
+
+    @property
+    def presets(self) -> dict:
+        """``{"paper": Preset, "shapes": Preset}`` (``qdet.presets``)."""
+        from .presets import PRESETS
+
+        return PRESETS.get(self.name, {})
+
+
+def method(name: str) -> Method:
     if name not in ARCHS:
         raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHS)}")
-    return importlib.import_module(ARCHS[name])
+    spec = importlib.import_module(ARCHS[name]).SPEC
+    if not isinstance(spec, MethodSpec) or spec.arch != name:
+        raise TypeError(f"{ARCHS[name]}.SPEC must be a MethodSpec whose model's arch is {name!r}")
+    return Method(name, spec.config, spec.model)
 
 
 def config_to_dict(cfg) -> dict:
@@ -70,7 +104,7 @@ def _coerce(text: str, like: Any):
 
 def apply_overrides(cfg, overrides: dict[str, Any]):
     """Return a copy of ``cfg`` with dotted-key overrides; string values are parsed by the
-    type of the field they replace (``{'loss.focal': 'true', 'd_model': 128}``)."""
+    type of the field they replace (``{'loss.giou_weight': '3', 'd_model': 128}``)."""
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if not any(f.name == head for f in dataclasses.fields(cfg)):
@@ -87,17 +121,27 @@ def apply_overrides(cfg, overrides: dict[str, Any]):
     return cfg
 
 
-def build_model(arch: str, overrides: dict[str, Any] | None = None):
+def _check_head_kind(arch: str, overrides: dict[str, Any]) -> None:
+    """Refuse to set ``loss.focal``: the head kind is fixed by the architecture (a softmax
+    head has a "no object" row that a focal head does not, and post-processing differs)."""
+    for key, value in overrides.items():
+        if key in ("focal", "loss.focal") or (key == "loss" and isinstance(value, dict)
+                                              and "focal" in value):
+            focal = [a for a in ARCHS if method(a).focal]
+            kind = "sigmoid focal" if method(arch).focal else "softmax (+1 'no object')"
+            raise ValueError(
+                f"'loss.focal' cannot be set: whether the class head is softmax or sigmoid "
+                f"focal is fixed by the architecture ({arch}: {kind}); pick another --arch "
+                f"for the other kind (focal: {', '.join(focal)})")
+
+
+def build_config(arch: str, overrides: dict[str, Any] | None = None):
+    """The paper config of ``arch`` with dotted-key ``overrides``."""
+    overrides = overrides or {}
+    _check_head_kind(arch, overrides)
+    return apply_overrides(method(arch).config(), overrides)
+
+
+def build_model(arch: str, overrides: dict[str, Any] | None = None) -> Detector:
     """A fresh model of ``arch`` with its paper config plus ``overrides``."""
-    mod = arch_module(arch)
-    cfg = apply_overrides(mod.Config(), overrides or {})
-    return mod.Model(cfg)
-
-
-def official_arch(state_dict: dict) -> str | None:
-    """Which architecture's official release layout ``state_dict`` is in, if any."""
-    for name in ARCHS:
-        mod = arch_module(name)
-        if hasattr(mod, "is_official") and mod.is_official(state_dict):
-            return name
-    return None
+    return method(arch).model(build_config(arch, overrides))

@@ -1,11 +1,13 @@
-"""Terminal helpers shared by the command-line modules: the consoles, one-line errors, the
-``--device`` option, and tables of rows."""
+"""Everything qdet prints goes through here: the consoles (results on stdout, messages on
+stderr), the progress bar, tables, one-line errors and the ``--device`` option."""
 from __future__ import annotations
 
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
 console = Console()
@@ -38,4 +40,22 @@ def rows_table(title: str, columns, rows) -> Table:
         table.add_column(col, justify="right")
     for row in rows:
         table.add_row(*row)
+    return table
+
+
+def progress_bar(disable: bool = False) -> Progress:
+    """The bar of every long loop (training epochs, evaluation): count, extra info, elapsed
+    time and ETA."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=console, disable=disable, transient=False)
+
+
+def stats_table(stats: dict[str, float], title: str = "COCO bbox") -> Table:
+    """The summary COCO metrics of ``stats`` (``qdet.evaluation.coco_stats``) as a table."""
+    table = Table(title=title)
+    for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"):
+        table.add_column(k, justify="right")
+    table.add_row(*(f"{stats[k]:.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl",
+                                                 "AR100")))
     return table

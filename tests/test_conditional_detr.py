@@ -61,9 +61,10 @@ def hf_and_qdet(tmp_path_factory):
 
 
 def test_config_inferred(hf_and_qdet):
-    c = hf_and_qdet[1].config
+    m = hf_and_qdet[1]
+    c = m.config
     assert (c.d_model, c.nheads, c.enc_layers, c.dec_layers, c.num_queries, c.num_classes,
-            c.dim_feedforward, c.loss.focal) == (32, 4, 2, 3, 7, 6, 64, True)
+            c.dim_feedforward, m.focal) == (32, 4, 2, 3, 7, 6, 64, True)
 
 
 @pytest.mark.parametrize("sizes", [[(64, 96)], [(64, 96), (96, 64), (80, 80)]])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qdet.criterion import SetCriterion
-from qdet.matcher import LossConfig
+from qdet.base import LossConfig
 
 
 def tiny_case(focal):
@@ -20,7 +20,7 @@ def tiny_case(focal):
 
 def test_softmax_losses_by_hand():
     outputs, targets = tiny_case(focal=False)
-    losses = SetCriterion(2, LossConfig(eos_coef=0.1))(outputs, targets)
+    losses = SetCriterion(2, LossConfig(eos_coef=0.1), focal=False)(outputs, targets)
     nll0 = math.log(1 + 2 * math.exp(-2))       # -log softmax([2,0,0])[0]
     nll1 = math.log(1 + 2 / math.e)             # -log softmax([0,0,1])[2] (no object)
     assert losses["loss_ce"].item() == pytest.approx((1.0 * nll0 + 0.1 * nll1) / 1.1, rel=1e-6)
@@ -39,7 +39,7 @@ def test_focal_losses_by_hand():
         return (a if t else 1 - a) * (1 - pt) ** g * -math.log(pt)
 
     expected = fl(2.0, 1) + fl(0.0, 0) + fl(0.0, 0) + fl(1.0, 0)  # num_boxes = 1
-    losses = SetCriterion(2, LossConfig(focal=True))(outputs, targets)
+    losses = SetCriterion(2, LossConfig(), focal=True)(outputs, targets)
     assert losses["loss_ce"].item() == pytest.approx(expected, rel=1e-5)
     assert losses["loss_bbox"].item() == pytest.approx(0.05, rel=1e-5)
 
@@ -48,7 +48,7 @@ def test_aux_and_encoder_terms_and_weights():
     outputs, targets = tiny_case(focal=True)
     outputs["aux_outputs"] = [dict(outputs), dict(outputs)]
     outputs["enc_outputs"] = dict(outputs)
-    crit = SetCriterion(2, LossConfig(focal=True, class_weight=2.0, enc_class_agnostic=True))
+    crit = SetCriterion(2, LossConfig(class_weight=2.0, enc_class_agnostic=True), focal=True)
     losses = crit(outputs, targets)
     assert set(losses) == {f"loss_{n}{s}" for n in ("ce", "bbox", "giou")
                            for s in ("", "_0", "_1", "_enc")}
@@ -61,7 +61,7 @@ def test_aux_and_encoder_terms_and_weights():
 
 def test_no_targets_gives_only_background_loss():
     outputs, _ = tiny_case(focal=False)
-    losses = SetCriterion(2, LossConfig())(outputs, [{"labels": torch.zeros(0, dtype=torch.long),
+    losses = SetCriterion(2, LossConfig(), focal=False)(outputs, [{"labels": torch.zeros(0, dtype=torch.long),
                                                        "boxes": torch.zeros(0, 4)}])
     assert losses["loss_bbox"].item() == 0 and losses["loss_giou"].item() == 0
     nll_bg0 = math.log(math.exp(2) + 2) - 0.0   # class "no object" logit 0 in [2,0,0]
@@ -72,6 +72,6 @@ def test_no_targets_gives_only_background_loss():
 def test_gradients_flow_to_matched_boxes_only():
     outputs, targets = tiny_case(focal=False)
     boxes = outputs["pred_boxes"].clone().requires_grad_(True)
-    losses = SetCriterion(2, LossConfig())({**outputs, "pred_boxes": boxes}, targets)
+    losses = SetCriterion(2, LossConfig(), focal=False)({**outputs, "pred_boxes": boxes}, targets)
     (losses["loss_bbox"] + losses["loss_giou"]).backward()
     assert boxes.grad[0, 0].abs().sum() > 0 and boxes.grad[0, 1].abs().sum() == 0

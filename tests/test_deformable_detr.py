@@ -102,7 +102,7 @@ def test_heads_per_variant():
     two = build_model("deformable", {**TINY["deformable"], "with_box_refine": True,
                                      "two_stage": True})
     assert len(two.class_embed) == 3 and not hasattr(two, "query_embed")
-    assert two.config.loss.focal
+    assert two.focal
     with pytest.raises(ValueError, match="two_stage needs with_box_refine"):
         build_model("deformable", {**TINY["deformable"], "two_stage": True})
 

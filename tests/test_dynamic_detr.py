@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from qdet.dynamic_detr import DyReLU, EncoderBlock
 from qdet.registry import build_model
-from qdet.sparse_rcnn import DynamicConv
+from qdet.dynamic_head import DynamicConv
 
 from conftest import TINY, random_images
 

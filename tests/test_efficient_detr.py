@@ -60,7 +60,7 @@ def test_dense_part_has_its_own_set_loss_with_real_classes():
     model = build_model("efficient", TINY["efficient"])
     out = model(random_images([(64, 80)]))
     targets = [{"labels": torch.tensor([3]), "boxes": torch.tensor([[.5, .5, .3, .3]])}]
-    losses = SetCriterion(5, model.config.loss)(out, targets)
+    losses = SetCriterion(5, model.config.loss, model.focal)(out, targets)
     assert {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"} <= set(losses)
     assert not model.config.loss.enc_class_agnostic
     with pytest.raises(ValueError, match="ref_init"):

@@ -8,7 +8,7 @@ from torchvision.ops import roi_align
 
 import qdet
 from qdet.registry import build_model
-from qdet.sparse_rcnn import DynamicConv, apply_deltas, roi_pool
+from qdet.dynamic_head import DynamicConv, apply_deltas, roi_pool
 
 from conftest import TINY, random_images
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import qdet
 from qdet.cli import app
-from qdet.engine import fit
+from qdet.runs import fit
 
 from conftest import TINY, TINY_SHAPES
 
@@ -146,6 +146,21 @@ def test_cli_resume_of_finished_run_says_what_to_do(trained_run, monkeypatch):
     monkeypatch.chdir(cwd)
     result = CliRunner().invoke(app, ["train", "--resume"])
     assert result.exit_code == 1 and "pass a larger --epochs" in result.output
+
+
+def test_cli_resume_refuses_options_it_cannot_apply(trained_run, monkeypatch):
+    """The resumed model and data come from last.pt: model options, a preset or another
+    architecture are refused by name instead of being dropped silently."""
+    cwd, _ = trained_run
+    monkeypatch.chdir(cwd)
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "--resume", "--epochs", "2", "--set", "d_model=64",
+                            "--preset", "paper"])
+    assert r.exit_code == 1 and "--preset, --set (model options) cannot apply" in r.output
+    r = runner.invoke(app, ["train", "--resume", "--epochs", "2", "--arch", "conditional"])
+    assert r.exit_code == 1 and "trains detr, not conditional" in r.output
+    r = runner.invoke(app, ["train", "--set", "loss.focal=true", *TINY_SHAPES])
+    assert r.exit_code == 1 and "fixed by the architecture (detr: softmax" in r.output
 
 
 def test_cli_errors_are_one_line(tmp_path, monkeypatch):

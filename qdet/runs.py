@@ -1,0 +1,179 @@
+"""Setting up a training run, the Python twin of ``qdet train``: a new run of a method on the
+built-in data or COCO-format files with a preset's recipe, or a run resumed exactly from its
+``last.pt``; then the loop of ``qdet.engine``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import presets
+from .base import Detector
+from .checkpoint import model_from_checkpoint, read_checkpoint
+from .data import AugmentConfig, DetectionDataset
+from .engine import TrainConfig, init_distributed, train
+from .registry import apply_overrides, build_model, config_from_dict, method
+from .terminal import console
+
+def latest_run(root: Path = Path("runs")) -> Path | None:
+    """The most recently written run folder under ``root`` (by its last.pt)."""
+    runs = [p.parent for p in Path(root).glob("*/last.pt")]
+    return max(runs, key=lambda p: (p / "last.pt").stat().st_mtime) if runs else None
+
+
+def make_datasets(spec: dict, cfg: TrainConfig):
+    """(train, val) datasets from a data spec (stored in checkpoints for --resume)."""
+    from .data import CocoDataset, ShapesDataset
+
+    if spec["kind"] == "shapes":
+        return (ShapesDataset("train", cfg.shapes, cfg.augment, train=True, seed=cfg.seed),
+                ShapesDataset("val", cfg.shapes, cfg.augment, train=False, seed=cfg.seed))
+    train_set = CocoDataset(spec["train_ann"], spec["train_images"], cfg.augment, True, cfg.seed)
+    val_set = None
+    if spec.get("val_ann"):
+        val_set = CocoDataset(spec["val_ann"], spec["val_images"], cfg.augment, False, cfg.seed)
+    return train_set, val_set
+
+
+@dataclass
+class Run:
+    """A training run, set up: what ``train`` needs, and where it came from."""
+    model: Detector
+    cfg: TrainConfig
+    data_spec: dict
+    out: Path
+    train_set: DetectionDataset
+    val_set: DetectionDataset | None
+    resume: dict | None = None       # the checkpoint continued from
+
+
+def resume_run(out: str | None, train_overrides: dict) -> Run:
+    """The run in ``out`` (else the most recent under ./runs), rebuilt from its last.pt;
+    only training options (e.g. a larger ``epochs``) may change."""
+    run = Path(out) if out else latest_run()
+    if run is None or not (run / "last.pt").is_file():
+        raise FileNotFoundError(f"nothing to resume: no last.pt in {run or 'runs/*'}; "
+                                "start a run without --resume")
+    ckpt = read_checkpoint(run / "last.pt")
+    model = model_from_checkpoint(ckpt, str(run / "last.pt"))
+    cfg = apply_overrides(config_from_dict(TrainConfig, ckpt["train"]), train_overrides)
+    if ckpt["epoch"] >= cfg.epochs:
+        raise ValueError(f"{run / 'last.pt'} already finished {ckpt['epoch']} of "
+                         f"{cfg.epochs} epochs; pass a larger --epochs to continue")
+    train_set, val_set = make_datasets(ckpt["data"], cfg)
+    return Run(model, cfg, ckpt["data"], run, train_set, val_set, resume=ckpt)
+
+
+def data_spec(data: str | None, images: str | None, val_data: str | None,
+              val_images: str | None) -> dict:
+    """Where a run's data comes from: the built-in shapes data, or COCO-format files."""
+    if data is None:
+        return {"kind": "shapes"}
+    if images is None:
+        raise ValueError("--data needs --images (the folder its file_name fields are in)")
+    if val_data is not None and val_images is None:
+        raise ValueError("--val-data needs --val-images")
+    return {"kind": "coco", "train_ann": str(data), "train_images": str(images),
+            "val_ann": val_data and str(val_data), "val_images": val_images and str(val_images)}
+
+
+def train_config(arch: str, kind: str, spec: dict, train_overrides: dict) -> TrainConfig:
+    """The preset's training config plus overrides; on the built-in data, images keep their
+    size unless augmentation options are given."""
+    cfg = apply_overrides(TrainConfig(), {**presets.preset(arch, kind).train, **train_overrides})
+    if spec["kind"] == "shapes" and not any(k.startswith("augment") for k in train_overrides):
+        s = cfg.shapes.image_size
+        cfg = dataclasses.replace(cfg, augment=AugmentConfig(
+            train_scales=(s,), max_size=None, crop=False, eval_size=s))
+    return cfg
+
+
+def run_folder(arch: str, out: str | None, world: int) -> Path:
+    """``out``, or ``runs/ARCH-TIME`` (one time stamp for all ranks); never an existing run."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if world > 1:
+        box = [stamp]
+        dist.broadcast_object_list(box, src=0)
+        stamp = box[0]
+    folder = Path(out) if out else Path("runs") / f"{arch}-{stamp}"
+    if (folder / "last.pt").exists():
+        raise FileExistsError(f"{folder} already holds a run; pass --resume to continue it "
+                              "or another --out")
+    return folder
+
+
+def new_run(arch: str, spec: dict, out: str | None, preset: str | None,
+            model_overrides: dict, train_overrides: dict, backbone_weights: str | None,
+            world: int) -> Run:
+    """A fresh model of ``arch`` on the data of ``spec`` with a preset's recipe."""
+    method(arch)  # an unknown architecture is the first thing to say
+    kind = preset or ("shapes" if spec["kind"] == "shapes" else "paper")
+    cfg = train_config(arch, kind, spec, train_overrides)
+    train_set, val_set = make_datasets(spec, cfg)
+    overrides = {**presets.preset(arch, kind).model, **model_overrides,
+                 "num_classes": len(train_set.category_ids)}
+    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
+    model = build_model(arch, overrides)
+    model.category_ids, model.class_names = train_set.category_ids, train_set.class_names
+    if backbone_weights:
+        model.backbone.load_weights(backbone_weights)
+    return Run(model, cfg, spec, run_folder(arch, out, world), train_set, val_set)
+
+
+def fit(arch: str | None = None, *, data: str | None = None, images: str | None = None,
+        val_data: str | None = None, val_images: str | None = None, out: str | None = None,
+        resume: bool = False, device: str | None = None, preset: str | None = None,
+        model_overrides: dict | None = None, train_overrides: dict | None = None,
+        backbone_weights: str | None = None) -> dict:
+    """Set up and run training; the Python twin of ``qdet train``. Returns the last epoch's
+    metrics and the run folder.
+
+    Without ``data`` the model trains on the built-in shapes data with the method's
+    ``shapes`` preset; with COCO-format ``data``/``images`` it uses the paper's recipe
+    (``paper``; ``qdet.presets``). ``arch`` defaults to ``detr``. Overrides are dotted
+    config keys (``{'d_model': 128}``, ``{'augment.crop': False}``); unset options never
+    override a preset. ``resume`` continues the run in ``out`` (else the most recent)
+    from its own architecture, model and data: only training overrides may be given.
+    """
+    rank, world, device_ = init_distributed(device)
+    if resume:
+        given = [name for name, value in (
+            ("--preset", preset), ("--set (model options)", model_overrides),
+            ("--backbone-weights", backbone_weights), ("--data", data), ("--images", images),
+            ("--val-data", val_data), ("--val-images", val_images)) if value]
+        if given:
+            raise ValueError(f"--resume continues a run with its own model and data, so "
+                             f"{', '.join(given)} cannot apply; drop them, or start a new run")
+        run = resume_run(out, train_overrides or {})
+        if arch is not None and arch != run.model.arch:
+            raise ValueError(f"--resume: the run in {run.out} trains {run.model.arch}, not "
+                             f"{arch}; drop --arch or start a new run")
+    else:
+        run = new_run(arch or "detr", data_spec(data, images, val_data, val_images), out,
+                      preset, model_overrides or {}, train_overrides or {}, backbone_weights,
+                      world)
+    if rank == 0:
+        announce(run, world, device_)
+    metrics = train(run.model, run.train_set, run.val_set, run.cfg, run.out, device_,
+                    run.data_spec, run.resume)
+    return {"metrics": metrics, "out": str(run.out)}
+
+
+def announce(run: Run, world: int, device: torch.device) -> None:
+    """Rank 0: create the run folder, write ``config.json`` and say what will happen."""
+    model, cfg = run.model, run.cfg
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "config.json").write_text(json.dumps(
+        {"arch": model.arch, "model": dataclasses.asdict(model.config),
+         "train": dataclasses.asdict(cfg), "data": run.data_spec}, indent=2))
+    n_params = sum(p.numel() for p in model.parameters())
+    console.print(f"[bold]qdet train[/] {model.arch}: {n_params / 1e6:.1f}M parameters, "
+                  f"{len(run.train_set)} training images, {cfg.epochs} epochs, "
+                  f"batch {cfg.batch_size}x{world} on {device} -> {run.out}"
+                  + (f" (resuming after epoch {run.resume['epoch']})" if run.resume else ""))
