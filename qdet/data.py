@@ -289,7 +289,8 @@ def validate_coco(ann_file: Path, image_dir: Path, verify_images: bool = True) -
     _check_fields(ann_file, "categories", data["categories"], ("id",))
     _check_fields(ann_file, "annotations", data["annotations"], ("image_id", "category_id", "bbox"))
     if not data["categories"]:
-        raise DataError(f"{ann_file}: 'categories' is empty")
+        raise DataError(f"{ann_file}: 'categories' is empty; list the classes the boxes are "
+                        "of there, e.g. [{\"id\": 1, \"name\": \"forklift\"}]")
     images = {}
     for im in data["images"]:
         if im["id"] in images:
