@@ -12,6 +12,7 @@ from rich.table import Table
 from .bench_cli import bench_app
 from .registry import ARCHS
 from .terminal import Device, console, err, fail, pick_device
+from .zoo_cli import zoo
 
 app = typer.Typer(
     help="qdet: query-based object detectors (DETR family). Train on the built-in shapes "
@@ -21,6 +22,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Built-in datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
+app.command("zoo")(zoo)
 
 
 def parse_sets(items: list[str] | None) -> tuple[dict, dict]:

@@ -37,21 +37,99 @@ class ZooEntry:
     name: str                   # the zoo name, e.g. "detr-r50"
     method: str                 # qdet architecture (``--arch``)
     backbone: str               # e.g. "R50", "R101-DC5"
-    ap: float | None            # COCO val2017 box AP the release reports
-    size: int | None = None     # bytes of the file (None: not established)
+    ap: float                   # COCO val2017 box AP the release reports
+    size_mb: int | None = None  # the size the release states (None: not stated)
     url: str | None = None
     hf: str | None = None
     page: str | None = None
-    file: str | None = None     # the release's own file name (cache name)
+    file: str | None = None     # the release's own file name (the cache's name for it)
     sha256: str | None = None   # start of the file's sha256, where its name carries one
+    note: str = ""
+
+    @property
+    def kind(self) -> str:
+        """Where it comes from, in a word: "url", "hf" or "by hand"."""
+        return "url" if self.url else "hf" if self.hf else "by hand"
 
     @property
     def source(self) -> str:
-        return self.url or (f"hf:{self.hf}" if self.hf else f"by hand: {self.page}")
+        return self.url or (f"hf:{self.hf}" if self.hf else self.page or "")
 
 
-# The releases (qdet/zoo.py is the one place they are listed; README "Pretrained weights").
-ENTRIES: list[ZooEntry] = []
+_DETR = "https://dl.fbaipublicfiles.com/detr/"
+_CONDITIONAL = "https://github.com/DeppMeng/ConditionalDETR/releases/download/v1.0/"
+_SPARSE = "https://github.com/PeizeSun/SparseR-CNN/releases/tag/v0.1"
+_SPARSE_DRIVE = "https://drive.google.com/drive/u/1/folders/19UaSgR4OwqA-BhCs_wG7i6E-OXC5NR__"
+_ANCHOR = "https://github.com/megvii-research/AnchorDETR#model"
+
+
+def _detr(name: str, backbone: str, ap: float, mb: int, file: str) -> ZooEntry:
+    """facebookresearch/detr's hubconf.py releases: the hex digits in a file name are the
+    start of its sha256 (torch.hub's check_hash rule)."""
+    return ZooEntry(name, "detr", backbone, ap, mb, url=_DETR + file, file=file,
+                    sha256=file.rsplit("-", 1)[1].split(".")[0])
+
+
+def _conditional(name: str, backbone: str, ap: float, file: str) -> ZooEntry:
+    """Atten4Vis/ConditionalDETR's hubconf.py: release assets of the first author's fork
+    (the README's OneDrive links expire); no checksum is published."""
+    return ZooEntry(name, "conditional", backbone, ap, url=_CONDITIONAL + file, file=file)
+
+
+def _by_hand(name: str, method: str, backbone: str, ap: float, page: str, file: str,
+             note: str) -> ZooEntry:
+    return ZooEntry(name, method, backbone, ap, page=page, file=file, note=note)
+
+
+# The releases: qdet/zoo.py is the one place they are listed (README "Pretrained weights").
+# AP is the COCO val2017 box AP in each release's README (SenseTime's: the official
+# Deformable DETR README's, which those Hub conversions come from).
+ENTRIES: list[ZooEntry] = [
+    _detr("detr-r50", "R50", 42.0, 159, "detr-r50-e632da11.pth"),
+    _detr("detr-r50-dc5", "R50-DC5", 43.3, 159, "detr-r50-dc5-f0fb7ef5.pth"),
+    _detr("detr-r101", "R101", 43.5, 232, "detr-r101-2c7b67e5.pth"),
+    _detr("detr-r101-dc5", "R101-DC5", 44.9, 232, "detr-r101-dc5-a2e86def.pth"),
+    _conditional("conditional-r50", "R50", 41.0, "ConditionalDETR_r50_epoch50.pth"),
+    _conditional("conditional-r50-dc5", "R50-DC5", 43.7, "ConditionalDETR_r50dc5_epoch50.pth"),
+    _conditional("conditional-r101", "R101", 42.8, "ConditionalDETR_r101_epoch50.pth"),
+    _conditional("conditional-r101-dc5", "R101-DC5", 45.0,
+                 "ConditionalDETR_r101dc5_epoch50.pth"),
+    ZooEntry("conditional-r50-hf", "conditional", "R50", 41.0,
+             hf="microsoft/conditional-detr-resnet-50"),
+    ZooEntry("deformable-r50", "deformable", "R50", 44.5, hf="SenseTime/deformable-detr"),
+    ZooEntry("deformable-r50-refine", "deformable", "R50", 46.2,
+             hf="SenseTime/deformable-detr-with-box-refine", note="iterative box refinement"),
+    ZooEntry("deformable-r50-two-stage", "deformable", "R50", 46.9,
+             hf="SenseTime/deformable-detr-with-box-refine-two-stage",
+             note="box refinement and two-stage"),
+    ZooEntry("deformable-r50-ss", "deformable", "R50", 39.4,
+             hf="SenseTime/deformable-detr-single-scale", note="single scale"),
+    ZooEntry("deformable-r50-ss-dc5", "deformable", "R50-DC5", 41.5,
+             hf="SenseTime/deformable-detr-single-scale-dc5", note="single scale"),
+    # Sparse R-CNN's README links a Google Drive folder and a GitHub release; the release
+    # asset URL of r50_300pro is confirmed (by code that downloads it), the others are not
+    ZooEntry("sparse-rcnn-r50-300", "sparse-rcnn", "R50-FPN", 45.0,
+             url="https://github.com/PeizeSun/SparseR-CNN/releases/download/v0.1/"
+                 "r50_300pro_3x_model.pth", file="r50_300pro_3x_model.pth",
+             note="300 proposals"),
+    _by_hand("sparse-rcnn-r50-100", "sparse-rcnn", "R50-FPN", 42.8, _SPARSE,
+             "r50_100pro_3x_model.pth", "100 proposals; also in " + _SPARSE_DRIVE),
+    _by_hand("sparse-rcnn-r101-100", "sparse-rcnn", "R101-FPN", 44.1, _SPARSE,
+             "r101_100pro_3x_model.pth", "100 proposals; also in " + _SPARSE_DRIVE),
+    _by_hand("sparse-rcnn-r101-300", "sparse-rcnn", "R101-FPN", 46.4, _SPARSE,
+             "sparse-rcnn-r101-300.pth", "300 proposals; the release's file name is not "
+             "known here: save it under this name; also in " + _SPARSE_DRIVE),
+    # Anchor DETR: Google Drive only (and Baidu); file names not published, so qdet names
+    # them (a DC5 name must say dc5: dilation leaves no trace in the weights)
+    _by_hand("anchor-r50", "anchor", "R50", 42.1, _ANCHOR, "anchor-r50.pth",
+             "Google Drive (AnchorDETR-C5, R50)"),
+    _by_hand("anchor-r50-dc5", "anchor", "R50-DC5", 44.3, _ANCHOR, "anchor-r50-dc5.pth",
+             "Google Drive (AnchorDETR-DC5, R50)"),
+    _by_hand("anchor-r101", "anchor", "R101", 43.5, _ANCHOR, "anchor-r101.pth",
+             "Google Drive (AnchorDETR-C5, R101)"),
+    _by_hand("anchor-r101-dc5", "anchor", "R101-DC5", 45.1, _ANCHOR, "anchor-r101-dc5.pth",
+             "Google Drive (AnchorDETR-DC5, R101)"),
+]
 ZOO: dict[str, ZooEntry] = {e.name: e for e in ENTRIES}
 
 
@@ -146,7 +224,7 @@ def fetch(entry: ZooEntry) -> Path:
     if entry.url is None:
         raise ZooError(f"{entry.name} has no direct download: get {entry.file} from "
                        f"{entry.page} and put it at {dest}")
-    return download_with_bar(entry.url, dest, entry.sha256, entry.size)
+    return download_with_bar(entry.url, dest, entry.sha256)
 
 
 # -------------------------------------------------------------------- Hugging Face Hub
