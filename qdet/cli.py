@@ -263,14 +263,24 @@ def data_shapes(
     train_images: Annotated[int, typer.Option(help="Training images.")] = 4000,
     val_images: Annotated[int, typer.Option(help="Validation images.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
+    categories: Annotated[Optional[str], typer.Option(
+        help="Comma-separated kinds to draw (default rectangle,ellipse,triangle,cross,star; "
+             "also hexagon, diamond, ring): e.g. a dataset for fine-tuning whose classes "
+             "are partly the built-in data's.")] = None,
 ):
-    """Write the built-in shapes data as COCO JSON + PNG images (to see the format)."""
+    """Write the built-in shapes data as COCO JSON + PNG images (to see the format, or to
+    make a dataset of other shapes)."""
     from rich.progress import Progress
 
     from .shapes import ShapesConfig, write_coco
 
-    cfg = ShapesConfig(image_size=image_size, train_images=train_images,
-                       val_images=val_images, seed=seed)
+    kinds = {} if categories is None else {"categories": tuple(
+        c.strip() for c in categories.split(",") if c.strip())}
+    try:
+        cfg = ShapesConfig(image_size=image_size, train_images=train_images,
+                           val_images=val_images, seed=seed, **kinds)
+    except ValueError as e:
+        fail(f"--categories: {e}")
     with Progress(console=console) as bar:
         task = bar.add_task("writing", total=train_images + val_images)
         written = write_coco(cfg, out, progress=lambda: bar.advance(task))

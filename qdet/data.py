@@ -183,8 +183,8 @@ class ShapesDataset(DetectionDataset):
                                            crop=False, eval_size=cfg.image_size)
         super().__init__(aug, train, seed)
         self.split, self.cfg = split, cfg
-        self.class_names = list(shapes.CATEGORIES)
-        self.category_ids = list(range(1, len(shapes.CATEGORIES) + 1))
+        self.class_names = list(cfg.categories)
+        self.category_ids = list(range(1, len(cfg.categories) + 1))
 
     def __len__(self) -> int:
         return shapes.num_images(self.cfg, self.split)

@@ -218,3 +218,29 @@ def test_dataset_without_categories_says_what_to_do(source_checkpoint, tmp_path)
                                       str(tmp_path / "data" / "train")])
     assert result.exit_code == 1
     assert "'categories' is empty; list the classes" in " ".join(result.output.split())
+
+
+def test_shapes_of_other_categories(tmp_path):
+    """The data of the fine-tuning demonstration: other kinds drawn, named as asked."""
+    from qdet.data import ShapesDataset
+    from qdet.shapes import ShapesConfig, render
+
+    kinds = ("rectangle", "hexagon", "ring", "diamond")
+    cfg = ShapesConfig(image_size=64, categories=kinds)
+    seen = set()
+    for i in range(30):
+        img, boxes, labels = render(cfg, "train", i)
+        seen.update(kinds[label] for label in labels)
+        assert all(0 <= v <= 64 for b in boxes for v in b)
+    assert seen == set(kinds)
+    assert ShapesDataset("val", cfg).class_names == list(kinds)
+    with pytest.raises(ValueError, match="choose from rectangle, .*, ring"):
+        ShapesConfig(categories=("rectangle", "forklift"))
+    result = CliRunner().invoke(app, ["data", "shapes", str(tmp_path), "--train-images", "2",
+                                      "--val-images", "1", "--image-size", "32",
+                                      "--categories", "ring,ellipse"])
+    assert result.exit_code == 0, result.output
+    cats = json.loads((tmp_path / "val.json").read_text())["categories"]
+    assert [(c["id"], c["name"]) for c in cats] == [(1, "ring"), (2, "ellipse")]
+    result = CliRunner().invoke(app, ["data", "shapes", str(tmp_path), "--categories", "x"])
+    assert result.exit_code == 1 and "choose from" in result.output
