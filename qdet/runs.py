@@ -213,11 +213,14 @@ def announce(run: Run, world: int, device: torch.device) -> None:
     """Rank 0: create the run folder, write ``config.json`` and say what will happen."""
     model, cfg = run.model, run.cfg
     run.out.mkdir(parents=True, exist_ok=True)
+    if run.resume is not None and (run.out / "config.json").is_file():
+        # a resumed fine-tuning run still says where its weights came from
+        run.weights = json.loads((run.out / "config.json").read_text()).get("weights")
     (run.out / "config.json").write_text(json.dumps(
         {"arch": model.arch, "model": dataclasses.asdict(model.config),
          "train": dataclasses.asdict(cfg), "data": run.data_spec,
          **({"weights": run.weights} if run.weights else {})}, indent=2))
-    if run.weights:
+    if run.weights and run.resume is None:
         console.print(f"[bold]fine-tuning[/] {run.weights['source']}: {run.weights['summary']}",
                       highlight=False)
     n_params = sum(p.numel() for p in model.parameters())

@@ -175,6 +175,9 @@ def test_cli_finetune_with_lr_zero_keeps_copied_rows(source_checkpoint, tmp_path
         assert torch.equal(w[j], source.class_embed.weight[i])
         assert torch.equal(b[j], source.class_embed.bias[i])
     assert not torch.equal(w[0], source.class_embed.weight[0])
+    result = CliRunner().invoke(app, ["train", "--resume", "--out", str(out), "--epochs", "2"])
+    assert result.exit_code == 0, result.output     # a resumed run keeps its provenance
+    assert json.loads((out / "config.json").read_text())["weights"]["summary"] == line
 
 
 def test_cli_finetune_freeze_backbone(source_checkpoint, tmp_path):
