@@ -101,7 +101,7 @@ def rename_start(name: str, table: dict) -> str:
     return name
 
 
-def _layer_keys(sd: dict, key: str, part: str, rest: str, stacked: set[str], names: dict):
+def _layer_keys(sd: dict, key: str, rest: str, stacked: set[str], names: dict) -> dict:
     """One HF encoder/decoder layer tensor -> {official name under the layer: tensor};
     q/k/v of the attentions in ``stacked`` become one in_proj (k and v map to nothing)."""
     m = _QKV.match(rest)
@@ -181,7 +181,7 @@ def hf_to_official(sd: dict, model_type: str, config: dict | None = None,
             if arch == "conditional" and part == "decoder" and re.match(r"(sa|ca)_", rest):
                 names = {}
             prefix = f"transformer.{part}.layers.{i}."
-            for name, t in _layer_keys(sd, k, part, rest, stacked[part], names).items():
+            for name, t in _layer_keys(sd, k, rest, stacked[part], names).items():
                 out[prefix + name] = t
         elif arch == "deformable" and re.match(r"(model\.decoder\.)?(class|bbox)_embed\.", k):
             continue  # below, once per prediction
