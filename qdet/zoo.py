@@ -76,7 +76,7 @@ def _conditional(name: str, backbone: str, ap: float, file: str) -> ZooEntry:
     return ZooEntry(name, "conditional", backbone, ap, url=_CONDITIONAL + file, file=file)
 
 
-def _by_hand(name: str, method: str, backbone: str, ap: float, page: str, file: str,
+def _manual(name: str, method: str, backbone: str, ap: float, page: str, file: str,
              note: str) -> ZooEntry:
     return ZooEntry(name, method, backbone, ap, page=page, file=file, note=note)
 
@@ -112,22 +112,22 @@ ENTRIES: list[ZooEntry] = [
              url="https://github.com/PeizeSun/SparseR-CNN/releases/download/v0.1/"
                  "r50_300pro_3x_model.pth", file="r50_300pro_3x_model.pth",
              note="300 proposals"),
-    _by_hand("sparse-rcnn-r50-100", "sparse-rcnn", "R50-FPN", 42.8, _SPARSE,
+    _manual("sparse-rcnn-r50-100", "sparse-rcnn", "R50-FPN", 42.8, _SPARSE,
              "r50_100pro_3x_model.pth", "100 proposals; also in " + _SPARSE_DRIVE),
-    _by_hand("sparse-rcnn-r101-100", "sparse-rcnn", "R101-FPN", 44.1, _SPARSE,
+    _manual("sparse-rcnn-r101-100", "sparse-rcnn", "R101-FPN", 44.1, _SPARSE,
              "r101_100pro_3x_model.pth", "100 proposals; also in " + _SPARSE_DRIVE),
-    _by_hand("sparse-rcnn-r101-300", "sparse-rcnn", "R101-FPN", 46.4, _SPARSE,
+    _manual("sparse-rcnn-r101-300", "sparse-rcnn", "R101-FPN", 46.4, _SPARSE,
              "sparse-rcnn-r101-300.pth", "300 proposals; the release's file name is not "
              "known here: save it under this name; also in " + _SPARSE_DRIVE),
     # Anchor DETR: Google Drive only (and Baidu); file names not published, so qdet names
     # them (a DC5 name must say dc5: dilation leaves no trace in the weights)
-    _by_hand("anchor-r50", "anchor", "R50", 42.1, _ANCHOR, "anchor-r50.pth",
+    _manual("anchor-r50", "anchor", "R50", 42.1, _ANCHOR, "anchor-r50.pth",
              "Google Drive (AnchorDETR-C5, R50)"),
-    _by_hand("anchor-r50-dc5", "anchor", "R50-DC5", 44.3, _ANCHOR, "anchor-r50-dc5.pth",
+    _manual("anchor-r50-dc5", "anchor", "R50-DC5", 44.3, _ANCHOR, "anchor-r50-dc5.pth",
              "Google Drive (AnchorDETR-DC5, R50)"),
-    _by_hand("anchor-r101", "anchor", "R101", 43.5, _ANCHOR, "anchor-r101.pth",
+    _manual("anchor-r101", "anchor", "R101", 43.5, _ANCHOR, "anchor-r101.pth",
              "Google Drive (AnchorDETR-C5, R101)"),
-    _by_hand("anchor-r101-dc5", "anchor", "R101-DC5", 45.1, _ANCHOR, "anchor-r101-dc5.pth",
+    _manual("anchor-r101-dc5", "anchor", "R101-DC5", 45.1, _ANCHOR, "anchor-r101-dc5.pth",
              "Google Drive (AnchorDETR-DC5, R101)"),
 ]
 ZOO: dict[str, ZooEntry] = {e.name: e for e in ENTRIES}
@@ -151,8 +151,8 @@ def is_cached(entry: ZooEntry) -> bool:
 # --------------------------------------------------------------------------- downloads
 
 
-def _by_hand(url: str, dest: Path) -> str:
-    return f"download {url} on a machine with network access and put it at {dest}"
+def _put_by_hand(dest: Path) -> str:
+    return f"download it where there is network access and put it at {dest}"
 
 
 def download(url: str, dest: Path, sha256: str | None = None, size: int | None = None,
@@ -182,17 +182,17 @@ def download(url: str, dest: Path, sha256: str | None = None, size: int | None =
             except (urllib.error.URLError, http.client.HTTPException, OSError,
                     ValueError) as e:
                 reason = getattr(e, "reason", None) or e
-                raise ZooError(f"cannot download {url} ({reason}); {_by_hand(url, dest)}"
+                raise ZooError(f"cannot download {url} ({reason}); {_put_by_hand(dest)}"
                                ) from None
         expected = [n for n in (announced and int(announced), size) if n]
         if any(done != n for n in expected):
             raise ZooError(f"download of {url} stopped after {done} of {expected[0]} bytes "
-                           f"(nothing was kept); run again, or {_by_hand(url, dest)}")
+                           f"(nothing was kept); run again, or {_put_by_hand(dest)}")
         got = digest.hexdigest()
         if sha256 and not got.startswith(sha256):
             raise ZooError(f"{url}: checksum mismatch (sha256 {got[:len(sha256)]}..., expected "
                            f"{sha256}...), the file was deleted; run again, or "
-                           f"{_by_hand(url, dest)}")
+                           f"{_put_by_hand(dest)}")
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -202,16 +202,25 @@ def download(url: str, dest: Path, sha256: str | None = None, size: int | None =
 
 def download_with_bar(url: str, dest: Path, sha256: str | None = None,
                       size: int | None = None) -> Path:
-    """:func:`download` with a progress bar on the terminal (stderr)."""
+    """:func:`download` with a progress bar on the terminal (stderr), shown once the server
+    answers."""
     from .terminal import download_bar
 
-    with download_bar() as bar:
-        task = bar.add_task(dest.name, total=size)
+    bar = download_bar()
+    task = None
 
-        def progress(done: int, total: int | None) -> None:
-            bar.update(task, completed=done, total=total)
+    def progress(done: int, total: int | None) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(dest.name, total=total)
+        bar.update(task, completed=done, total=total)
 
+    try:
         return download(url, dest, sha256, size, progress)
+    finally:
+        if task is not None:
+            bar.stop()
 
 
 def fetch(entry: ZooEntry) -> Path:
