@@ -261,6 +261,10 @@ class AnchorDETR(Detector):
         nn.init.zeros_(conv.bias)
         self.input_proj = nn.ModuleList([nn.Sequential(conv, nn.GroupNorm(32, d))])
 
+    def class_heads(self) -> dict[str, str]:
+        return {f"transformer.class_embed.{i}": "classes"
+                for i in range(len(self.transformer.class_embed))}
+
     def forward(self, images) -> dict:
         x, mask = batch_images(images)
         (feat, mask), = self.backbone(x, mask)

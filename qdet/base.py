@@ -22,7 +22,7 @@ official-checkpoint hooks (``qdet.official``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,9 @@ def focal_loss_config() -> LossConfig:
     return LossConfig(class_cost=2.0, class_weight=2.0)
 
 
+HeadKind = Literal["classes", "object"]
+
+
 class Detector(nn.Module):
     """Base class: holds the config and the label metadata that a checkpoint carries.
 
@@ -73,6 +76,14 @@ class Detector(nn.Module):
         self.class_names: list[str] = [str(i) for i in range(config.num_classes)]
         # inference resize (shorter side, longer-side cap); official models: 800 / 1333
         self.preprocess: dict = {"size": 800, "max_size": 1333}
+
+    def class_heads(self) -> dict[str, HeadKind]:
+        """The Linear layers that predict classes, by module name (a shared head may appear
+        under several names): ``"classes"`` (row i scores label i; softmax heads add "no
+        object" as the last row) or ``"object"`` (class-agnostic: row 0 scores any object,
+        e.g. a two-stage encoder trained with ``loss.enc_class_agnostic``). Fine-tuning to
+        other classes rebuilds exactly these rows (``qdet.finetune``)."""
+        return {"class_embed": "classes"}
 
     def compile_transformer(self) -> None:
         """torch.compile the model's ``compiled_parts`` in place (parameter names are

@@ -1,6 +1,11 @@
-"""Reading and writing checkpoints, safely.
+"""Reading and writing checkpoints, safely; ``qdet.load`` of any source.
 
-Every file is read with ``torch.load(weights_only=True)``: no code from a checkpoint is ever
+A source is a checkpoint file (qdet's or an official release's), a Hugging Face model folder
+(``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, read by
+``qdet.hf_format``), a zoo name or an ``hf:owner/name`` Hub id (``qdet.zoo`` turns those
+into a local file or folder, downloading once).
+
+Every pickled file is read with ``torch.load(weights_only=True)``: no code from a checkpoint is ever
 run. Official release checkpoints pickle an ``argparse.Namespace`` (their training
 arguments), which is the one extra type allowed; any other type is refused with the name of
 the type. qdet checkpoints hold only tensors and plain Python values: ``arch``, ``config``,
@@ -10,6 +15,7 @@ and for resuming ``optimizer``, ``scheduler``, ``train``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import tempfile
@@ -122,6 +128,66 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> Detector:
     return model
 
 
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def read_hf_folder(folder: str | os.PathLike) -> tuple[dict, dict]:
+    """``(config.json dict, state dict)`` of a Hugging Face model folder; safetensors when
+    the folder has them (also sharded), else ``pytorch_model.bin`` (weights_only)."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder} is a folder but not a Hugging Face model folder (no "
+                              "config.json); pass a checkpoint file or a folder with "
+                              "config.json and model.safetensors")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    found = next((folder / n for n in HF_WEIGHTS if (folder / n).is_file()), None)
+    if found is None:
+        raise CheckpointError(f"{folder} has config.json but no weights: put its "
+                              "model.safetensors (or pytorch_model.bin) beside it")
+    if found.name == "pytorch_model.bin":
+        return config, read_checkpoint(found)
+    from safetensors.torch import load_file
+
+    files = [found]
+    if found.name.endswith(".index.json"):
+        shards = json.loads(found.read_text())["weight_map"].values()
+        files = [folder / n for n in sorted(set(shards))]
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(f))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    return config, state
+
+
+def model_from_hf_folder(folder: str | os.PathLike) -> Detector:
+    """Build the qdet model of an HF transformers DETR-family model folder."""
+    from .hf_format import read_hf
+
+    config, state = read_hf_folder(folder)
+    arch, cfg, state, ids, names = read_hf(config, state, str(folder))
+    model = method(arch).model(cfg)
+    _load_state(model, state, str(folder))
+    model.category_ids, model.class_names = ids, names
+    return model
+
+
+def model_from_source(source: str | os.PathLike) -> Detector:
+    """The model of any source ``qdet.load`` accepts (file, HF folder, zoo name, hf: id),
+    in train mode on the CPU."""
+    from .zoo import resolve
+
+    path = resolve(source)
+    if path.is_dir():
+        return model_from_hf_folder(path)
+    return model_from_checkpoint(read_checkpoint(path), str(path))
+
+
 def _load_state(model: Detector, state: dict, source: str) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -131,17 +197,20 @@ def _load_state(model: Detector, state: dict, source: str) -> None:
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", fast: bool = False,
+def load(source: str | os.PathLike, device: str | torch.device = "cpu", fast: bool = False,
          compile: bool = False) -> Detector:
-    """Load a qdet or official release checkpoint as an eval-mode model on ``device``.
+    """Load a detector as an eval-mode model on ``device``. ``source``: a qdet or official
+    release checkpoint file, a Hugging Face model folder, a zoo name (``qdet zoo``) or an
+    ``hf:owner/name`` Hub id (downloaded once, then read from the cache).
 
-    Architecture and sizes come from the file: the stored config of a qdet checkpoint, or
-    the key names and tensor shapes of an official one (plus its ``args`` when present).
+    Architecture and sizes come from the weights: the stored config of a qdet checkpoint,
+    the key names and tensor shapes of an official one (plus its ``args`` when present),
+    or an HF folder's config.json.
     ``fast=True`` returns the inference fast path (``qdet.fast``): same outputs, faster;
     with ``compile=True`` its transformer is also compiled (torch.compile), which pays only
     when input sizes repeat: every new size compiles again.
     """
-    model = model_from_checkpoint(read_checkpoint(path), str(path)).to(device).eval()
+    model = model_from_source(source).to(device).eval()
     if fast:
         from .fast import optimize_for_inference
 

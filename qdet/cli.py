@@ -12,6 +12,7 @@ from rich.table import Table
 from .bench_cli import bench_app
 from .registry import ARCHS
 from .terminal import Device, console, err, fail, pick_device
+from .zoo_cli import zoo
 
 app = typer.Typer(
     help="qdet: query-based object detectors (DETR family). Train on the built-in shapes "
@@ -21,6 +22,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Built-in datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
+app.command("zoo")(zoo)
 
 
 def parse_sets(items: list[str] | None) -> tuple[dict, dict]:
@@ -40,17 +42,25 @@ def parse_sets(items: list[str] | None) -> tuple[dict, dict]:
     return model, train
 
 
-def find_weights(weights: Optional[Path]) -> Path:
+WEIGHTS_HELP = ("a checkpoint file, a Hugging Face model folder, a zoo name (`qdet zoo`) or "
+                "hf:owner/name")
+
+
+def find_weights(weights: Optional[str]) -> Path:
+    """The local file or folder of ``--weights`` (downloading a zoo or Hub model once), else
+    best.pt of the most recent run."""
     from .runs import latest_run
+    from .zoo import ZooError, resolve
 
     if weights is not None:
-        if not weights.is_file():
-            fail(f"weights file {weights} not found")
-        return weights
+        try:
+            return resolve(weights)
+        except (ZooError, FileNotFoundError) as e:
+            fail(str(e))
     run = latest_run()
     if run is None or not (run / "best.pt").is_file():
         fail("no --weights given and no run found under ./runs: train one with "
-             "`qdet train` or pass --weights FILE")
+             "`qdet train` or pass --weights (" + WEIGHTS_HELP + ")")
     err.print(f"using {run / 'best.pt'} (best checkpoint of the most recent run)")
     return run / "best.pt"
 
@@ -60,7 +70,7 @@ def load_model(weights: Path, device: str, fast: bool = True, compile: bool = Fa
 
     try:
         return load(weights, device=device, fast=fast, compile=compile)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
         fail(str(e))
 
 
@@ -79,7 +89,7 @@ def eval_dataset(model, weights: Path, data: Optional[Path], images: Optional[Pa
             if images is None:
                 fail("--data needs --images (the folder its file_name fields are in)")
             return CocoDataset(data, images, aug, train=False)
-        ckpt = read_checkpoint(weights)
+        ckpt = {} if weights.is_dir() else read_checkpoint(weights)
         shapes_cfg = ckpt.get("train", {}).get("shapes")
         if ckpt.get("data", {}).get("kind") != "shapes" and not builtin_fallback:
             fail("this checkpoint was not trained on built-in data: pass --data ANN.json "
@@ -124,14 +134,21 @@ def train(
                                                  "it where the hardware supports it).")] = None,
     backbone_weights: Annotated[Optional[Path], typer.Option(
         help="Local torchvision ResNet state dict to start the backbone from.")] = None,
+    weights: Annotated[Optional[str], typer.Option(
+        help="Fine-tune these pretrained weights to the data's classes: " + WEIGHTS_HELP
+             + ". Architecture and sizes come from them; class rows are copied by class "
+               "name.")] = None,
+    freeze_backbone: Annotated[bool, typer.Option(
+        "--freeze-backbone", help="With --weights: keep the backbone fixed (no gradients, "
+                                  "frozen BatchNorm).")] = False,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Override any model or training option, KEY=VALUE (repeatable), e.g. "
                       "--set d_model=128 --set loss.giou_weight=3 --set augment.crop=false.")
     ] = None,
 ):
     """Train a detector. With no data options: the built-in shapes data, small preset
-    (about 10 minutes on a 2-core CPU). Multi-process: torchrun --nproc_per_node N -m qdet
-    train ..."""
+    (about 10 minutes on a 2-core CPU). With --weights: fine-tune a pretrained detector to
+    the data's classes. Multi-process: torchrun --nproc_per_node N -m qdet train ..."""
     from .data import DataError
     from .runs import fit
 
@@ -152,7 +169,8 @@ def train(
                      val_images=val_images and str(val_images), out=out and str(out),
                      resume=resume, device=pick_device(device), preset=preset,
                      model_overrides=model_o, train_overrides=train_o,
-                     backbone_weights=backbone_weights and str(backbone_weights))
+                     backbone_weights=backbone_weights and str(backbone_weights),
+                     weights=weights, freeze_backbone=freeze_backbone)
     except (DataError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
         fail(str(e))
     console.print(f"run saved in {result['out']} (best.pt, last.pt, metrics.jsonl)")
@@ -160,7 +178,7 @@ def train(
 
 @app.command("eval")
 def eval_(
-    weights: Annotated[Path, typer.Argument(help="Checkpoint (qdet or official release).")],
+    weights: Annotated[str, typer.Argument(help="Weights: " + WEIGHTS_HELP + ".")],
     data: Annotated[Optional[Path], typer.Option(help="COCO-format annotations (JSON). "
                                                  "Default: the data the model trained on, "
                                                  "if built in.")] = None,
@@ -182,15 +200,17 @@ def eval_(
     from .evaluation import coco_stats, predict_dataset
     from .terminal import stats_table
 
-    if not weights.is_file():
-        fail(f"weights file {weights} not found")
-    model = load_model(weights, pick_device(device), compile=compile)
-    dataset = eval_dataset(model, weights, data, images, builtin_fallback=False)
+    path = find_weights(weights)
+    model = load_model(path, pick_device(device), compile=compile)
+    dataset = eval_dataset(model, path, data, images, builtin_fallback=False)
     results = predict_dataset(model, dataset, next(model.parameters()).device, batch_size,
                               workers, bf16=bf16)
     stats = coco_stats(dataset, results)
-    console.print(stats_table(stats, f"{weights.name}: COCO bbox ({len(dataset)} images)"))
-    out = out or weights.with_name(weights.stem + "_results.json")
+    console.print(stats_table(stats, f"{path.name}: COCO bbox ({len(dataset)} images)"))
+    if out is None:  # beside a file the user named; a zoo or Hub model's in this folder
+        given = Path(weights)
+        out = (given.with_name(given.stem + "_results.json") if given.is_file()
+               else Path(given.name + "_results.json"))
     out.write_text(json.dumps(results))
     console.print(f"{len(results)} detections written to {out}")
 
@@ -198,8 +218,9 @@ def eval_(
 @app.command()
 def predict(
     image: Annotated[list[Path], typer.Argument(help="Image file(s).")],
-    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint; default: best.pt of "
-                                                    "the most recent run under ./runs.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Weights: " + WEIGHTS_HELP + "; "
+                                                   "default: best.pt of the most recent run "
+                                                   "under ./runs.")] = None,
     threshold: Annotated[float, typer.Option(help="Minimum score to report.")] = 0.5,
     out: Annotated[Path, typer.Option(help="Folder for the drawn images and "
                                       "predictions.json.")] = Path("predictions"),
@@ -242,14 +263,24 @@ def data_shapes(
     train_images: Annotated[int, typer.Option(help="Training images.")] = 4000,
     val_images: Annotated[int, typer.Option(help="Validation images.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
+    categories: Annotated[Optional[str], typer.Option(
+        help="Comma-separated kinds to draw (default rectangle,ellipse,triangle,cross,star; "
+             "also hexagon, diamond, ring): e.g. a dataset for fine-tuning whose classes "
+             "are partly the built-in data's.")] = None,
 ):
-    """Write the built-in shapes data as COCO JSON + PNG images (to see the format)."""
+    """Write the built-in shapes data as COCO JSON + PNG images (to see the format, or to
+    make a dataset of other shapes)."""
     from rich.progress import Progress
 
     from .shapes import ShapesConfig, write_coco
 
-    cfg = ShapesConfig(image_size=image_size, train_images=train_images,
-                       val_images=val_images, seed=seed)
+    kinds = {} if categories is None else {"categories": tuple(
+        c.strip() for c in categories.split(",") if c.strip())}
+    try:
+        cfg = ShapesConfig(image_size=image_size, train_images=train_images,
+                           val_images=val_images, seed=seed, **kinds)
+    except ValueError as e:
+        fail(f"--categories: {e}")
     with Progress(console=console) as bar:
         task = bar.add_task("writing", total=train_images + val_images)
         written = write_coco(cfg, out, progress=lambda: bar.advance(task))
@@ -261,8 +292,9 @@ def data_shapes(
 
 @app.command("match-debug")
 def match_debug_cmd(
-    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint; default: best.pt of "
-                                                    "the most recent run under ./runs.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Weights: " + WEIGHTS_HELP + "; "
+                                                   "default: best.pt of the most recent run "
+                                                   "under ./runs.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="COCO-format annotations (JSON); "
                                                  "default: the built-in validation data.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Folder of the images.")] = None,

@@ -183,8 +183,8 @@ class ShapesDataset(DetectionDataset):
                                            crop=False, eval_size=cfg.image_size)
         super().__init__(aug, train, seed)
         self.split, self.cfg = split, cfg
-        self.class_names = list(shapes.CATEGORIES)
-        self.category_ids = list(range(1, len(shapes.CATEGORIES) + 1))
+        self.class_names = list(cfg.categories)
+        self.category_ids = list(range(1, len(cfg.categories) + 1))
 
     def __len__(self) -> int:
         return shapes.num_images(self.cfg, self.split)
@@ -289,7 +289,8 @@ def validate_coco(ann_file: Path, image_dir: Path, verify_images: bool = True) -
     _check_fields(ann_file, "categories", data["categories"], ("id",))
     _check_fields(ann_file, "annotations", data["annotations"], ("image_id", "category_id", "bbox"))
     if not data["categories"]:
-        raise DataError(f"{ann_file}: 'categories' is empty")
+        raise DataError(f"{ann_file}: 'categories' is empty; list the classes the boxes are "
+                        "of there, e.g. [{\"id\": 1, \"name\": \"forklift\"}]")
     images = {}
     for im in data["images"]:
         if im["id"] in images:

@@ -151,6 +151,14 @@ class DeformableDETR(Detector):
             self.class_embed = nn.ModuleList([class_head] * n_pred)
             self.bbox_embed = nn.ModuleList([box_head] * n_pred)
 
+    def class_heads(self) -> dict[str, str]:
+        """One head per prediction (shared by all without box refinement); the two-stage
+        encoder's, last, scores objectness when trained class-agnostic (as the official)."""
+        cfg = self.config
+        return {f"class_embed.{i}": "object" if (cfg.two_stage and i == cfg.dec_layers
+                                                 and cfg.loss.enc_class_agnostic) else "classes"
+                for i in range(len(self.class_embed))}
+
     def features(self, images):
         """Projected multi-scale maps, their padding masks and position encodings."""
         return multiscale_features(self.backbone, self.input_proj, images, self.config.d_model)

@@ -163,6 +163,10 @@ class DynamicDETR(Detector):
             num_reg=cfg.num_reg, resolution=cfg.pooler_resolution, dropout=cfg.dropout,
             first_level=3)
 
+    def class_heads(self) -> dict[str, str]:
+        return {f"head.head_series.{i}.class_logits": "classes"
+                for i in range(len(self.head.head_series))}
+
     def forward(self, images) -> dict:
         x, mask, sizes = pad_for_pyramid(images)
         feats = self.backbone(x, mask)

@@ -1,5 +1,6 @@
 """Setting up a training run, the Python twin of ``qdet train``: a new run of a method on the
-built-in data or COCO-format files with a preset's recipe, or a run resumed exactly from its
+built-in data or COCO-format files with a preset's recipe, a run that fine-tunes pretrained
+weights to the data's classes (``qdet.finetune``), or a run resumed exactly from its
 ``last.pt``; then the loop of ``qdet.engine``.
 """
 from __future__ import annotations
@@ -15,11 +16,13 @@ import torch.distributed as dist
 
 from . import presets
 from .base import Detector
-from .checkpoint import model_from_checkpoint, read_checkpoint
+from .checkpoint import model_from_checkpoint, model_from_source, read_checkpoint
 from .data import AugmentConfig, DetectionDataset
 from .engine import TrainConfig, init_distributed, train
-from .registry import apply_overrides, build_model, config_from_dict, method
+from .finetune import transfer
+from .registry import apply_overrides, build_config, build_model, config_from_dict, method
 from .terminal import console
+
 
 def latest_run(root: Path = Path("runs")) -> Path | None:
     """The most recently written run folder under ``root`` (by its last.pt)."""
@@ -51,6 +54,7 @@ class Run:
     train_set: DetectionDataset
     val_set: DetectionDataset | None
     resume: dict | None = None       # the checkpoint continued from
+    weights: dict | None = None      # fine-tuning: the source and what was transferred
 
 
 def resume_run(out: str | None, train_overrides: dict) -> Run:
@@ -126,13 +130,39 @@ def new_run(arch: str, spec: dict, out: str | None, preset: str | None,
     return Run(model, cfg, spec, run_folder(arch, out, world), train_set, val_set)
 
 
+def finetune_run(weights: str, arch: str | None, spec: dict, out: str | None,
+                 preset: str | None, model_overrides: dict, train_overrides: dict,
+                 freeze_backbone: bool, world: int) -> Run:
+    """Pretrained ``weights`` (any source ``qdet.load`` takes) rebuilt for the data's classes:
+    architecture and sizes from the weights (``arch``, if given, must agree), the preset's
+    training recipe (the paper's with COCO-format data: its lower backbone lr applies)."""
+    source = model_from_source(weights)
+    if arch is not None and arch != source.arch:
+        raise ValueError(f"--arch {arch}: the weights {weights} are a {source.arch} model; drop "
+                         f"--arch or pass {arch} weights")
+    kind = preset or ("shapes" if spec["kind"] == "shapes" else "paper")
+    cfg = train_config(source.arch, kind, spec, train_overrides)
+    train_set, val_set = make_datasets(spec, cfg)
+    overrides = {**model_overrides, "num_classes": len(train_set.category_ids)}
+    if freeze_backbone:  # no gradients and fixed BatchNorm statistics
+        overrides.update(backbone_trainable=0, frozen_bn=True)
+    build_config(source.arch, overrides)  # refuses a change of head kind
+    torch.manual_seed(cfg.seed)  # the same new class rows for the same seed
+    model = method(source.arch).model(apply_overrides(source.config, overrides))
+    model.category_ids, model.class_names = train_set.category_ids, train_set.class_names
+    report = transfer(source, model, str(weights))
+    return Run(model, cfg, spec, run_folder(source.arch, out, world), train_set, val_set,
+               weights=report.to_json())
+
+
 def fit(arch: str | None = None, *, data: str | None = None, images: str | None = None,
         val_data: str | None = None, val_images: str | None = None, out: str | None = None,
         resume: bool = False, device: str | None = None, preset: str | None = None,
         model_overrides: dict | None = None, train_overrides: dict | None = None,
-        backbone_weights: str | None = None) -> dict:
+        backbone_weights: str | None = None, weights: str | None = None,
+        freeze_backbone: bool = False) -> dict:
     """Set up and run training; the Python twin of ``qdet train``. Returns the last epoch's
-    metrics and the run folder.
+    metrics and the run folder (and, fine-tuning, what was transferred).
 
     Without ``data`` the model trains on the built-in shapes data with the method's
     ``shapes`` preset; with COCO-format ``data``/``images`` it uses the paper's recipe
@@ -140,12 +170,16 @@ def fit(arch: str | None = None, *, data: str | None = None, images: str | None 
     config keys (``{'d_model': 128}``, ``{'augment.crop': False}``); unset options never
     override a preset. ``resume`` continues the run in ``out`` (else the most recent)
     from its own architecture, model and data: only training overrides may be given.
+    ``weights`` (a file, HF folder, zoo name or ``hf:owner/name``) fine-tunes those weights
+    to the data's classes: architecture and sizes come from them, class rows are copied by
+    class name (``qdet.finetune``); ``freeze_backbone`` keeps the backbone fixed.
     """
     rank, world, device_ = init_distributed(device)
     if resume:
         given = [name for name, value in (
             ("--preset", preset), ("--set (model options)", model_overrides),
-            ("--backbone-weights", backbone_weights), ("--data", data), ("--images", images),
+            ("--backbone-weights", backbone_weights), ("--weights", weights),
+            ("--freeze-backbone", freeze_backbone), ("--data", data), ("--images", images),
             ("--val-data", val_data), ("--val-images", val_images)) if value]
         if given:
             raise ValueError(f"--resume continues a run with its own model and data, so "
@@ -154,7 +188,17 @@ def fit(arch: str | None = None, *, data: str | None = None, images: str | None 
         if arch is not None and arch != run.model.arch:
             raise ValueError(f"--resume: the run in {run.out} trains {run.model.arch}, not "
                              f"{arch}; drop --arch or start a new run")
+    elif weights is not None:
+        if backbone_weights:
+            raise ValueError("--backbone-weights cannot apply with --weights (which holds the "
+                             "backbone too); drop one")
+        run = finetune_run(weights, arch, data_spec(data, images, val_data, val_images), out,
+                           preset, model_overrides or {}, train_overrides or {},
+                           freeze_backbone, world)
     else:
+        if freeze_backbone:
+            raise ValueError("--freeze-backbone needs --weights (a backbone trained from "
+                             "scratch cannot stay fixed)")
         run = new_run(arch or "detr", data_spec(data, images, val_data, val_images), out,
                       preset, model_overrides or {}, train_overrides or {}, backbone_weights,
                       world)
@@ -162,16 +206,23 @@ def fit(arch: str | None = None, *, data: str | None = None, images: str | None 
         announce(run, world, device_)
     metrics = train(run.model, run.train_set, run.val_set, run.cfg, run.out, device_,
                     run.data_spec, run.resume)
-    return {"metrics": metrics, "out": str(run.out)}
+    return {"metrics": metrics, "out": str(run.out), "weights": run.weights}
 
 
 def announce(run: Run, world: int, device: torch.device) -> None:
     """Rank 0: create the run folder, write ``config.json`` and say what will happen."""
     model, cfg = run.model, run.cfg
     run.out.mkdir(parents=True, exist_ok=True)
+    if run.resume is not None and (run.out / "config.json").is_file():
+        # a resumed fine-tuning run still says where its weights came from
+        run.weights = json.loads((run.out / "config.json").read_text()).get("weights")
     (run.out / "config.json").write_text(json.dumps(
         {"arch": model.arch, "model": dataclasses.asdict(model.config),
-         "train": dataclasses.asdict(cfg), "data": run.data_spec}, indent=2))
+         "train": dataclasses.asdict(cfg), "data": run.data_spec,
+         **({"weights": run.weights} if run.weights else {})}, indent=2))
+    if run.weights and run.resume is None:
+        console.print(f"[bold]fine-tuning[/] {run.weights['source']}: {run.weights['summary']}",
+                      highlight=False)
     n_params = sum(p.numel() for p in model.parameters())
     console.print(f"[bold]qdet train[/] {model.arch}: {n_params / 1e6:.1f}M parameters, "
                   f"{len(run.train_set)} training images, {cfg.epochs} epochs, "

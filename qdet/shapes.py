@@ -5,6 +5,10 @@ every machine and in every worker, and nothing is stored. Objects are filled sha
 several categories in varied colours, sizes, counts and overlaps, on solid, gradient or
 noisy backgrounds. A shape's box is its tight bounding box; a shape may be partly covered by
 a later one, but never mostly (at most ``max_covered`` of its box).
+
+``categories`` picks the kinds drawn (default: the five of ``CATEGORIES``; ``KINDS`` has three
+more), so a dataset whose classes are partly those of the built-in data and partly new is
+one option away (``qdet data shapes OUT --categories ...``, used to show fine-tuning).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CATEGORIES = ("rectangle", "ellipse", "triangle", "cross", "star")
+KINDS = CATEGORIES + ("hexagon", "diamond", "ring")
 SPLITS = {"train": 0, "val": 1}
 
 
@@ -32,6 +37,13 @@ class ShapesConfig:
     train_images: int = 4000
     val_images: int = 200
     seed: int = 0
+    categories: tuple[str, ...] = CATEGORIES   # the kinds drawn, label i = categories[i]
+
+    def __post_init__(self):
+        unknown = [c for c in self.categories if c not in KINDS]
+        if unknown or not self.categories:
+            raise ValueError(f"shapes categories {list(self.categories)}: choose from "
+                             f"{', '.join(KINDS)}")
 
 
 def _colour(rng: np.random.Generator, avoid: float | None = None) -> tuple[int, int, int]:
@@ -67,6 +79,10 @@ def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, float
 def _polygon(kind: str, cx: float, cy: float, w: float, h: float, angle: float):
     if kind == "triangle":
         pts = [(0.0, -1.0), (0.866, 0.5), (-0.866, 0.5)]
+    elif kind == "hexagon":
+        pts = [(math.cos(i * math.pi / 3), math.sin(i * math.pi / 3)) for i in range(6)]
+    elif kind == "diamond":
+        pts = [(0.0, -1.0), (1.0, 0.0), (0.0, 1.0), (-1.0, 0.0)]
     elif kind == "star":
         pts = [((1.0 if i % 2 == 0 else 0.45) * math.sin(i * math.pi / 5),
                 -(1.0 if i % 2 == 0 else 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
@@ -94,13 +110,13 @@ def render(cfg: ShapesConfig, split: str, index: int) -> tuple[Image.Image, list
     boxes, labels = [], []
     for _ in range(int(rng.integers(cfg.min_objects, cfg.max_objects + 1))):
         for _attempt in range(20):
-            label = int(rng.integers(len(CATEGORIES)))
+            label = int(rng.integers(len(cfg.categories)))
+            kind = cfg.categories[label]
             w = rng.uniform(cfg.min_size, cfg.max_size) * size
-            h = w * rng.uniform(0.6, 1.6) if CATEGORIES[label] != "star" else w
+            h = w * rng.uniform(0.6, 1.6) if kind != "star" else w
             h = min(h, cfg.max_size * size * 1.2)
             cx, cy = rng.uniform(w / 2, size - w / 2), rng.uniform(h / 2, size - h / 2)
-            kind = CATEGORIES[label]
-            if kind in ("rectangle", "ellipse"):
+            if kind in ("rectangle", "ellipse", "ring"):
                 pts = [(cx - w / 2, cy - h / 2), (cx + w / 2, cy + h / 2)]
             else:
                 angle = rng.uniform(-0.3, 0.3) if kind != "cross" else 0.0
@@ -116,6 +132,8 @@ def render(cfg: ShapesConfig, split: str, index: int) -> tuple[Image.Image, list
             draw.rectangle(pts, fill=fill)
         elif kind == "ellipse":
             draw.ellipse(pts, fill=fill)
+        elif kind == "ring":
+            draw.ellipse(pts, outline=fill, width=max(2, round(min(w, h) / 6)))
         else:
             draw.polygon(pts, fill=fill)
         boxes.append(box)
@@ -138,7 +156,8 @@ def coco_dict(cfg: ShapesConfig, split: str) -> dict:
             anns.append({"id": len(anns) + 1, "image_id": i, "category_id": label + 1,
                          "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
                          "iscrowd": 0})
-    cats = [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(CATEGORIES)]
+    cats = [{"id": k + 1, "name": n, "supercategory": "shape"}
+            for k, n in enumerate(cfg.categories)]
     return {"images": images, "annotations": anns, "categories": cats}
 
 

@@ -70,6 +70,10 @@ class SparseRCNN(Detector):
             ffn=cfg.dim_feedforward, dim_dynamic=cfg.dim_dynamic, num_cls=cfg.num_cls,
             num_reg=cfg.num_reg, resolution=cfg.pooler_resolution, dropout=cfg.dropout)
 
+    def class_heads(self) -> dict[str, str]:
+        return {f"head.head_series.{i}.class_logits": "classes"
+                for i in range(len(self.head.head_series))}
+
     def forward(self, images) -> dict:
         x, mask, sizes = pad_for_pyramid(images)
         feats = self.backbone(x, mask)

@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
 
 console = Console()
@@ -49,6 +49,14 @@ def progress_bar(disable: bool = False) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), console=console, disable=disable, transient=False)
+
+
+def download_bar() -> Progress:
+    """The bar of a download (on stderr, so that stdout keeps only results): file name,
+    bytes done of total, speed and ETA."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=err, transient=False)
 
 
 def stats_table(stats: dict[str, float], title: str = "COCO bbox") -> Table:

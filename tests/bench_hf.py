@@ -2,8 +2,8 @@
 
     python tests/bench_hf.py [--arch detr|deformable|conditional] [--size 800x1066]
 
-Builds the paper configuration (ResNet-50) in HF transformers with random weights, renames
-them into the official checkpoint layout, loads that with ``qdet.load`` (eager and fast
+Builds the paper configuration (ResNet-50) in HF transformers with random weights, writes
+the model folder with ``save_pretrained``, loads that with ``qdet.load`` (eager and fast
 path), checks the outputs agree, and times one image on the CPU: HF, qdet eager, qdet fast,
 qdet fast + bf16, all in this process.
 """
@@ -30,23 +30,20 @@ def build(arch: str):
                             else ["stage2", "stage3", "stage4"])          # ResNet-50
     if arch == "detr":
         from transformers import DetrConfig, DetrForObjectDetection
-        from test_detr_parity import hf_to_official
 
         model = DetrForObjectDetection(DetrConfig(use_timm_backbone=False,
                                                   backbone_config=backbone, num_labels=91))
     elif arch == "conditional":
         from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection
-        from test_conditional_detr import hf_to_official
 
         model = ConditionalDetrForObjectDetection(ConditionalDetrConfig(
             use_timm_backbone=False, backbone_config=backbone, num_labels=91))
     else:
         from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
-        from test_deformable_detr import hf_to_official
 
         model = DeformableDetrForObjectDetection(DeformableDetrConfig(
             use_timm_backbone=False, backbone_config=backbone, num_labels=91))
-    return randomize_(model.eval()), hf_to_official
+    return randomize_(model.eval())
 
 
 def timed(fn, repeat: int) -> float:
@@ -67,12 +64,11 @@ def main() -> None:
     args = ap.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
     torch.manual_seed(0)
-    hf, to_official = build(args.arch)
+    hf = build(args.arch)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{args.arch}-r50.pth"
-        torch.save({"model": to_official(hf.state_dict()),
-                    "args": argparse.Namespace(nheads=8)}, path)
-        eager, fast = qdet.load(path), qdet.load(path, fast=True)
+        folder = Path(tmp) / f"{args.arch}-r50"
+        hf.save_pretrained(folder)
+        eager, fast = qdet.load(folder), qdet.load(folder, fast=True)
     x = torch.randn(1, 3, h, w)
     mask = torch.ones(1, h, w, dtype=torch.long)
 

@@ -1,9 +1,7 @@
-"""Deformable DETR: parity with HF transformers' DeformableDetrForObjectDetection (same random
-weights, renamed into the official checkpoint layout and loaded with ``qdet.load``) for the
-plain, box-refinement and two-stage variants; and the variants' structure."""
-import argparse
-import re
-
+"""Deformable DETR: parity with HF transformers' DeformableDetrForObjectDetection (a
+random-weight model written with ``save_pretrained``, either backbone flavour, loaded with
+``qdet.load`` and compared with HF's own model read from the same folder) for the plain,
+box-refinement and two-stage variants; and the variants' structure."""
 import pytest
 import torch
 
@@ -12,38 +10,17 @@ from qdet.base import batch_images
 from qdet.registry import build_model
 
 from conftest import TINY, random_images
-from hf_convert import (ENCODER_NAMES, assert_outputs_close, hf_resnet_config, mha_keys,
-                        randomize_, rename_start, to_official)
+from hf_convert import assert_outputs_close, backbone_kwargs, randomize_, save_hf
 
 transformers = pytest.importorskip("transformers")
 
-DEC = {"encoder_attn_layer_norm": "norm1", "self_attn_layer_norm": "norm2",
-       "final_layer_norm": "norm3", "mlp.fc1": "linear1", "mlp.fc2": "linear2",
-       "encoder_attn": "cross_attn"}
 
-
-def hf_to_official(sd: dict) -> dict:
-    def layer(sd, hf_prefix, part, rest, v):
-        am = re.match(r"self_attn\.(q|k|v|o)_proj\.(weight|bias)", rest)
-        if part == "decoder" and am:
-            return mha_keys(sd, hf_prefix + "self_attn", *am.groups(), v, "self_attn")
-        return {rename_start(rest, ENCODER_NAMES if part == "encoder" else DEC): v}
-
-    def other(k):
-        k = re.sub(r"^model\.(level_embed|reference_points|enc_output_norm|enc_output|"
-                   r"pos_trans_norm|pos_trans|encoder|decoder)", r"transformer.\1", k)
-        return k.replace("model.query_position_embeddings", "query_embed").replace(
-            "model.input_proj", "input_proj")
-
-    return to_official(sd, layer, other)
-
-
-def hf_model(**variant):
+def hf_model(flavour="hf-resnet", **variant):
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
 
     torch.manual_seed(0)
     cfg = DeformableDetrConfig(
-        use_timm_backbone=False, backbone_config=hf_resnet_config(["stage2", "stage3", "stage4"]),
+        **backbone_kwargs(flavour, ["stage2", "stage3", "stage4"]),
         d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_feature_levels=4,
         encoder_n_points=2, decoder_n_points=2, num_queries=10, two_stage_num_proposals=10,
@@ -60,13 +37,14 @@ VARIANTS = {"plain": {}, "box_refine": {"with_box_refine": True},
             "two_stage": {"with_box_refine": True, "two_stage": True}}
 
 
+@pytest.mark.parametrize("flavour", ["hf-resnet", "timm"])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_outputs_match_hf(name, tmp_path):
-    hf = hf_model(**VARIANTS[name])
-    path = tmp_path / f"deformable-{name}.pth"
-    torch.save({"model": hf_to_official(hf.state_dict()),
-                "args": argparse.Namespace(nheads=4, num_queries=10)}, path)
-    model = qdet.load(path)
+def test_outputs_match_hf(name, flavour, tmp_path):
+    from transformers import DeformableDetrForObjectDetection
+
+    folder = save_hf(hf_model(flavour, **VARIANTS[name]), tmp_path / f"deformable-{name}")
+    hf = DeformableDetrForObjectDetection.from_pretrained(folder).eval()
+    model = qdet.load(folder)
     cfg = model.config
     assert (cfg.with_box_refine, cfg.two_stage) == (name != "plain", name == "two_stage")
     assert (cfg.d_model, cfg.num_feature_levels, cfg.enc_n_points, cfg.num_classes) == (32, 4, 2, 5)

@@ -1,72 +1,59 @@
 """DETR parity with an independent implementation: HF transformers' DetrForObjectDetection.
 
-The HF model's random weights are renamed into the official facebookresearch/detr
-checkpoint layout (``{'model': ..., 'args': Namespace}``), saved, and loaded with
-``qdet.load`` -- so this also checks the official-checkpoint path end to end.
+A random-weight HF model is written with ``save_pretrained`` (either backbone flavour: HF's
+ResNet or timm's) and the folder is loaded with ``qdet.load``; its outputs, final and per
+decoder layer, equal those of HF's own model read from the same folder. The same weights in
+the official facebookresearch/detr layout (``{'model': ..., 'args': Namespace}``, through
+the package's HF -> official mapping) load to the same model, so the official-checkpoint
+path is checked end to end too.
 """
 import argparse
-import re
 
 import pytest
 import torch
 
 import qdet
-from hf_convert import (DECODER_NAMES, ENCODER_NAMES, assert_outputs_close, detr_top_key,
-                        hf_resnet_config, mha_keys, randomize_, rename_start, to_official)
+from qdet.base import batch_images
+from qdet.hf_format import hf_to_official
+
+from conftest import random_images
+from hf_convert import assert_outputs_close, backbone_kwargs, randomize_, save_hf
 
 transformers = pytest.importorskip("transformers")
 
-ATTN = {"self_attn": "self_attn", "encoder_attn": "multihead_attn"}
 
-
-def hf_to_official(sd: dict) -> dict:
-    """HF DETR state dict -> facebookresearch/detr names (the inverse of HF's converter)."""
-    def layer(sd, hf_prefix, part, rest, v):
-        am = re.match(r"(self_attn|encoder_attn)\.(q|k|v|o)_proj\.(weight|bias)", rest)
-        if am:
-            attn, which, kind = am.groups()
-            return mha_keys(sd, hf_prefix + attn, which, kind, v, ATTN[attn])
-        return {rename_start(rest, ENCODER_NAMES if part == "encoder" else DECODER_NAMES): v}
-
-    return to_official(sd, layer, detr_top_key)
-
-
-@pytest.fixture(scope="module")
-def hf_and_qdet(tmp_path_factory):
+@pytest.fixture(scope="module", params=["hf-resnet", "timm"])
+def hf_and_qdet(request, tmp_path_factory):
     from transformers import DetrConfig, DetrForObjectDetection
 
     torch.manual_seed(0)
-    cfg = DetrConfig(use_timm_backbone=False, backbone_config=hf_resnet_config(["stage4"]),
-                     d_model=32,
+    cfg = DetrConfig(**backbone_kwargs(request.param, ["stage4"]), d_model=32,
                      encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                     num_queries=7, num_labels=6, dropout=0.0)
+                     num_queries=7, num_labels=6, dropout=0.0,
+                     id2label={i: f"thing {i}" for i in range(6)})
     # auxiliary_loss stays False: with it, HF (5.x) feeds each layer-normed decoder output
     # to the next layer, which the official code does not; aux heads are compared below
     # from HF's raw decoder hidden states instead.
-    hf = randomize_(DetrForObjectDetection(cfg).eval())
-    path = tmp_path_factory.mktemp("official") / "detr-tiny.pth"
-    args = argparse.Namespace(nheads=4, dilation=False, backbone="resnet18", lr=1e-4)
-    torch.save({"model": hf_to_official(hf.state_dict()), "args": args, "epoch": 3,
-                "optimizer": {"state": {}, "param_groups": []}}, path)
-    return hf, qdet.load(path), path
+    folder = save_hf(randomize_(DetrForObjectDetection(cfg).eval()),
+                     tmp_path_factory.mktemp("hf") / "detr-tiny")
+    hf = DetrForObjectDetection.from_pretrained(folder).eval()
+    return hf, qdet.load(folder), folder
 
 
-def test_config_inferred_from_checkpoint(hf_and_qdet):
+def test_config_and_labels_from_the_folder(hf_and_qdet):
     _, model, _ = hf_and_qdet
     c = model.config
     assert (c.backbone, c.d_model, c.nheads, c.enc_layers, c.dec_layers, c.num_queries,
             c.num_classes, c.dim_feedforward) == ("resnet18", 32, 4, 2, 3, 7, 6, 64)
+    assert model.class_names == [f"thing {i}" for i in range(6)]
     assert not model.training
 
 
 @pytest.mark.parametrize("sizes", [[(64, 96)], [(64, 96), (96, 64), (80, 80)]])
 def test_outputs_match_hf(hf_and_qdet, sizes):
     hf, model, _ = hf_and_qdet
-    g = torch.Generator().manual_seed(1)
-    images = [torch.randn(3, h, w, generator=g) for h, w in sizes]
-    from qdet.base import batch_images
-
+    images = random_images(sizes, seed=1)
     x, mask = batch_images(images)
     with torch.no_grad():
         ref = hf(pixel_values=x, pixel_mask=(~mask).long(), output_hidden_states=True)
@@ -76,3 +63,17 @@ def test_outputs_match_hf(hf_and_qdet, sizes):
         ref_aux = [(hf.class_labels_classifier(h), hf.bbox_predictor(h).sigmoid()) for h in hs]
     assert len(ref_aux) == 2
     assert_outputs_close(out, ref.logits, ref.pred_boxes, ref_aux)
+
+
+def test_official_layout_of_the_same_weights(hf_and_qdet, tmp_path):
+    hf, model, _ = hf_and_qdet
+    path = tmp_path / "detr-tiny.pth"
+    args = argparse.Namespace(nheads=4, dilation=False, backbone="resnet18", lr=1e-4)
+    torch.save({"model": hf_to_official(hf.state_dict(), "detr"), "args": args, "epoch": 3,
+                "optimizer": {"state": {}, "param_groups": []}}, path)
+    official = qdet.load(path)
+    images = random_images([(64, 96)], seed=3)
+    with torch.no_grad():
+        a, b = official(images), model(images)
+    torch.testing.assert_close(a["pred_logits"], b["pred_logits"], rtol=0, atol=0)
+    torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], rtol=0, atol=0)
