@@ -116,3 +116,23 @@ def print_fitting(out: Console, wide: tuple[str, Table],
     else:
         for title, table in narrow:
             print_table(out, title, table)
+
+
+def detections_table(results: list[dict]) -> Table:
+    """``qdet predict``'s detections (``qdet.predict.predict_files``), one line each; an
+    image's name on its first line only, folded rather than cut when long."""
+    from pathlib import Path
+
+    table = narrow_table("boxes: x0 y0 x1 y1 in pixels")
+    table.add_column("image", overflow="fold")
+    table.add_column("class")
+    for col in ("score", "box"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in results:
+        name = Path(r["image"]).name
+        if not r["detections"]:
+            table.add_row(name, "-", "-", "-")
+        for k, d in enumerate(r["detections"]):
+            table.add_row(name if k == 0 else "", d["name"], f"{d['score']:.2f}",
+                          box_text(d["box"]))
+    return table
