@@ -72,12 +72,13 @@ def num(x: float | None) -> str:
     if x is None or math.isnan(x):
         return "-"
     a = abs(x)
-    return f"{x:.0f}" if a >= 99.95 else f"{x:.1f}" if a >= 9.995 else f"{x:.2f}"
+    s = f"{x:.0f}" if a >= 99.95 else f"{x:.1f}" if a >= 9.995 else f"{x:.2f}"
+    return s.lstrip("-") if float(s) == 0 else s       # no "-0.00"
 
 
 def pct(x: float | None) -> str:
     """A share in whole percent: ``41%``; ``-`` for None or NaN."""
-    return "-" if x is None or math.isnan(x) else f"{100 * x:.0f}%"
+    return "-" if x is None or math.isnan(x) else f"{int(round(100 * x))}%"
 
 
 def mark(ok: bool, bad_style: str = "red") -> str:

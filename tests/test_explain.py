@@ -366,3 +366,126 @@ def test_every_method_is_explained_with_its_own_fields():
         else:
             assert arch in ("sparse-rcnn", "dynamic") and layer.roi is not None
             assert (ex.scale_attention is not None) == (arch == "dynamic")
+
+
+@pytest.fixture
+def tiny_checkpoints(tmp_path):
+    from qdet.checkpoint import model_checkpoint, save_checkpoint
+    from qdet.shapes import ShapesConfig, render
+
+    paths = {}
+    for arch in ("detr", "deformable", "sparse-rcnn"):
+        model = make(arch)
+        model.preprocess = {"size": 64, "max_size": None}
+        model.class_names = ["rectangle", "ellipse", "triangle", "cross", "star"]
+        paths[arch] = tmp_path / f"{arch}.pt"
+        save_checkpoint(paths[arch], model_checkpoint(model))
+    render(ShapesConfig(image_size=64), "val", 0)[0].save(tmp_path / "photo.png")
+    return tmp_path, paths
+
+
+def test_cli_writes_a_figure_and_json(tiny_checkpoints):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from qdet.cli import app
+
+    tmp, paths = tiny_checkpoints
+    runner = CliRunner()
+    for arch, extra in (("detr", ["--encoder", "20,30", "--heads"]), ("deformable", []),
+                        ("sparse-rcnn", ["--layer", "-1"])):
+        png = tmp / f"{arch}.png"
+        r = runner.invoke(app, ["explain", str(tmp / "photo.png"), "--weights", str(paths[arch]),
+                                "--save", str(png), "--json", *extra])
+        assert r.exit_code == 0, r.output
+        data, _ = json.JSONDecoder().raw_decode(r.output[r.output.index("{"):])
+        assert data["arch"] == arch and len(data["objects"]) == 3
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.width > 100
+        layers = data["objects"][0]["layers"]
+        if arch == "detr":
+            assert len(layers) == 2 and set(layers[0]["terms"]) == {"cq·ck", "cq·pk", "pq·ck",
+                                                                     "pq·pk"}
+            assert "encoder" in data
+        elif arch == "deformable":
+            assert len(layers[0]["points"]) == 4 and len(layers[0]["spread"]) == 3
+        else:
+            assert [l["index"] for l in layers] == [1] and len(layers[0]["grid"]) == 49
+    r = runner.invoke(app, ["explain", str(tmp / "photo.png"), "--weights", str(paths["detr"]),
+                            "--query", "1", "--query", "4", "--layer", "0",
+                            "--save", str(tmp / "q.png")])
+    assert r.exit_code == 0, r.output
+    assert "object 0: query 1" in r.output and "object 1: query 4" in r.output
+    assert "terms of the logit" in r.output and "figure saved to" in r.output
+
+
+def test_cli_uses_the_latest_run_and_says_what_is_wrong(tiny_checkpoints, monkeypatch):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from qdet.cli import app
+
+    tmp, paths = tiny_checkpoints
+    monkeypatch.chdir(tmp)
+    runner = CliRunner()
+    r = runner.invoke(app, ["explain", "photo.png"])
+    assert r.exit_code == 1 and "no --weights given and no run found" in r.output
+    (tmp / "runs" / "a").mkdir(parents=True)
+    for name in ("best.pt", "last.pt"):
+        shutil.copy(paths["detr"], tmp / "runs" / "a" / name)
+    r = runner.invoke(app, ["explain", "photo.png", "--top", "1"])
+    assert r.exit_code == 0, r.output
+    assert "best checkpoint of the most recent run" in r.output
+    assert (tmp / "explain" / "photo_explain.png").is_file()
+    for args, message in (
+            (["missing.png"], "image missing.png not found"),
+            (["photo.png", "--top", "2", "--query", "1"], "give --top or --query, not both"),
+            (["photo.png", "--query", "6"], "query 6 is out of range"),
+            (["photo.png", "--layer", "5"], "layer 5 is out of range"),
+            (["photo.png", "--layer", "last"], "--layer expects an index"),
+            (["photo.png", "--encoder", "3"], "--encoder expects a pixel position"),
+            (["photo.png", "--encoder", "300,3"], "outside the image")):
+        r = runner.invoke(app, ["explain", *args])
+        assert r.exit_code == 1 and message in r.output, (args, r.output)
+        assert "Traceback" not in r.output
+
+
+def test_report_measures_terms_and_spread_on_tiny_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from qdet import explain_report
+    from qdet.checkpoint import model_checkpoint, save_checkpoint
+    from qdet.shapes import ShapesConfig, render
+
+    shapes = {"image_size": 64, "val_images": 2}
+    runs = []
+    for arch in ("detr", "conditional", "deformable"):
+        model = make(arch)
+        model.preprocess = {"size": 64, "max_size": None}
+        (tmp_path / arch).mkdir()
+        save_checkpoint(tmp_path / arch / "best.pt", model_checkpoint(
+            model, data={"kind": "shapes"}, train={"shapes": shapes}))
+        runs.append(str(tmp_path / arch))
+    out = tmp_path / "docs" / "explain.png"
+    r = CliRunner().invoke(explain_report.app, [*runs, "--images", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    reports = json.loads(out.with_suffix(".json").read_text())
+    n_objects = sum(len(render(ShapesConfig(**shapes), "val", i)[1]) for i in range(2))
+    assert [rep["arch"] for rep in reports] == ["detr", "conditional", "deformable"]
+    assert all(rep["objects"] == n_objects and len(rep["layers"]) == 2 for rep in reports)
+    for rep, terms in zip(reports[:2], (("cq·ck", "cq·pk", "pq·ck", "pq·pk"),
+                                        ("content", "spatial"))):
+        for layer in rep["layers"]:
+            assert sum(layer[f"share {t}"] for t in terms) == pytest.approx(1.0, abs=1e-4)
+            assert 0 <= layer["inside"] <= 1 and layer["offset"] >= 0
+    deform = reports[2]
+    assert [tuple(s) for s in deform["levels"]] == [(8, 8), (4, 4), (2, 2)]
+    for layer in deform["layers"]:
+        assert sum(layer[f"weight {i}"] for i in range(3)) == pytest.approx(1.0, abs=1e-5)
+        for i, (h, w) in enumerate(deform["levels"]):
+            assert layer[f"cells {i}"] == pytest.approx(layer[f"spread {i}"] / (64 / w))
+    assert out.is_file() and "| layer |" in out.with_suffix(".md").read_text()
+    assert all((out.parent / f"explain-{a}.png").is_file()
+               for a in ("detr", "conditional", "deformable"))
+    assert "where each term alone would look" in r.output
