@@ -688,4 +688,15 @@ def to_json(expl: Explanations) -> dict:
                           "cell": list(expl.encoder["cell"]),
                           "layers": [{"peak": _peak(a.mean(0), size, a.shape[1:]),
                                       "max": float(a.mean(0).max())} for a in att]}
-    return out
+    return _finite(out)
+
+
+def _finite(x):
+    """NaN (a term of a constant logit row has no share) -> None, so the JSON is valid."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x

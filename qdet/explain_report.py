@@ -275,8 +275,9 @@ def main(
     images: Annotated[int, typer.Option(help="Validation images to measure on.")] = 50,
     out: Annotated[Path, typer.Option(help="The figure (PNG).")] = Path("docs/explain.png"),
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Where to write the "
-                                                     "numbers (default: the figure's name "
-                                                     "with .json).")] = None,
+                                                     "numbers as JSON (and beside it, as .md, "
+                                                     "the tables in Markdown); default: the "
+                                                     "figure's name with .json.")] = None,
     examples: Annotated[bool, typer.Option(help="Also write the qdet explain figure of the "
                                            "first image, per run, beside the figure "
                                            "(NAME-detr.png, ...).")] = True,
