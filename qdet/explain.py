@@ -160,7 +160,7 @@ class Capture:
                 pre(m, lambda a, k: setattr(self, "map_mask", _arg(a, k, 1, "mask")))
             elif isinstance(m, detr.DecoderLayer):
                 pre(m, lambda a, k: self._pending.update(
-                    p_q=_arg(a, k, 3, "query_pos"), p_k=_arg(a, k, 2, "pos"), hw=None))
+                    p_q=_arg(a, k, 3, "query_pos"), p_k=_arg(a, k, 2, "pos"), map_mask=None))
                 pre(m.multihead_attn, self._mha)
             elif isinstance(m, anchor_detr.DecoderLayer):
                 if m.rcda:
@@ -168,8 +168,6 @@ class Capture:
                 else:
                     pre(m, self._anchor_standard_layer)
                     pre(m.cross_attn, self._mha)
-            elif isinstance(m, anchor_detr.Transformer):
-                pre(m, lambda a, k: setattr(self, "map_mask", _arg(a, k, 1, "mask")))
             elif isinstance(m, conditional_detr.DecoderLayer):
                 pre(m.cross_attn, self._conditional)
             elif isinstance(m, conditional_detr.Decoder):
@@ -207,7 +205,7 @@ class Capture:
         mem, pos_2d = _arg(a, k, 4, "mem"), _arg(a, k, 8, "pos_2d")
         b, h, w, d = mem.shape
         self._pending.update(p_q=_arg(a, k, 1, "qpos"), p_k=pos_2d.reshape(b, h * w, d),
-                             hw=_arg(a, k, 5, "pad"))
+                             map_mask=_arg(a, k, 5, "pad"))
 
     def _mha(self, a, k):
         # nn.MultiheadAttention(query, key, value, key_padding_mask=...); the enclosing
@@ -409,7 +407,7 @@ def _map_layer(layer: LayerExplanation, rec: dict, b: int, q: int, box: Tensor, 
     qi = torch.tensor([q], device=rec["q"].device)
     if rec["kind"] == "mha":
         terms = mha_terms(rec, b, qi)
-        mask = cap.map_mask if rec.get("hw") is None else rec["hw"]
+        mask = cap.map_mask if rec.get("map_mask") is None else rec["map_mask"]
     else:
         terms = conditional_terms(rec, b, qi)
         mask = cap.map_mask
