@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from .bench_cli import bench_app
+from .explain_cli import explain_cmd
 from .registry import ARCHS
 from .terminal import Device, console, err, fail, pick_device
 from .zoo_cli import zoo
@@ -230,6 +231,7 @@ def predict(
     """Detect objects in images: draws boxes, prints a table, writes JSON."""
     from .data import DataError, load_image
     from .predict import draw_detections, predict_files
+    from .terminal import detections_table, print_table
 
     for p in image:
         if not p.is_file():
@@ -240,18 +242,10 @@ def predict(
     except DataError as e:
         fail(str(e))
     out.mkdir(parents=True, exist_ok=True)
-    table = Table(title=f"detections (score >= {threshold})")
-    for col in ("image", "class", "score", "box (x0, y0, x1, y1)"):
-        table.add_column(col)
     for r in results:
         path = Path(r["image"])
         draw_detections(load_image(path), r["detections"]).save(out / f"{path.stem}_pred.png")
-        for d in r["detections"]:
-            table.add_row(path.name, d["name"], f"{d['score']:.3f}",
-                          ", ".join(f"{v:.1f}" for v in d["box"]))
-        if not r["detections"]:
-            table.add_row(path.name, "-", "-", "-")
-    console.print(table)
+    print_table(console, f"detections (score >= {threshold})", detections_table(results))
     (out / "predictions.json").write_text(json.dumps(results, indent=1))
     console.print(f"drawn images and predictions.json in {out}/")
 
@@ -348,6 +342,9 @@ def match_debug_cmd(
         draw(dataset.raw_image(index), result, names).save(save)
         if not as_json:
             console.print(f"drawing saved to {save}")
+
+
+app.command("explain")(explain_cmd)
 
 
 @app.command()

@@ -212,17 +212,13 @@ class MSDeformAttn(nn.Module):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, query: Tensor, reference_points: Tensor, value: Tensor,
-                shapes: list[tuple[int, int]], padding_mask: Tensor | None = None,
-                backend: str | None = None) -> Tensor:
-        """query ``[N,Lq,C]``, value ``[N,S,C]`` (all levels), padding_mask ``[N,S]``
-        (True on padding) -> ``[N,Lq,C]``."""
+    def sampling(self, query: Tensor, reference_points: Tensor,
+                 shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        """Where each head samples and with what weight, as the op receives them: locations
+        ``[N,Lq,M,L,P,2]`` (normalized x, y per level) and weights ``[N,Lq,M,L,P]`` (softmax
+        over a head's L*P points). ``qdet.explain`` reads them through this method."""
         n, lq, _ = query.shape
         m, nl, p = self.n_heads, self.n_levels, self.n_points
-        v = self.value_proj(value)
-        if padding_mask is not None:
-            v = v.masked_fill(padding_mask[..., None], 0.0)
-        v = v.view(n, v.shape[1], m, self.d_model // m)
         offsets = self.sampling_offsets(query).view(n, lq, m, nl, p, 2)
         weights = self.attention_weights(query).view(n, lq, m, nl * p).softmax(-1)
         weights = weights.view(n, lq, m, nl, p)
@@ -238,4 +234,17 @@ class MSDeformAttn(nn.Module):
         else:
             raise ValueError("reference_points must end in 2 (points) or 4 (boxes), got "
                              f"{reference_points.shape[-1]}")
+        return loc, weights
+
+    def forward(self, query: Tensor, reference_points: Tensor, value: Tensor,
+                shapes: list[tuple[int, int]], padding_mask: Tensor | None = None,
+                backend: str | None = None) -> Tensor:
+        """query ``[N,Lq,C]``, value ``[N,S,C]`` (all levels), padding_mask ``[N,S]``
+        (True on padding) -> ``[N,Lq,C]``."""
+        n = query.shape[0]
+        v = self.value_proj(value)
+        if padding_mask is not None:
+            v = v.masked_fill(padding_mask[..., None], 0.0)
+        v = v.view(n, v.shape[1], self.n_heads, self.d_model // self.n_heads)
+        loc, weights = self.sampling(query, reference_points, shapes)
         return self.output_proj(ms_deform_attn(v, shapes, None, loc, weights, backend))

@@ -32,6 +32,14 @@ from torchvision.ops import box_convert, roi_align
 from .base import batch_images, layer_outputs
 
 
+def roi_levels(boxes: Tensor, first_level: int, num_levels: int) -> Tensor:
+    """The pyramid level (log2 of its stride) each absolute xyxy box ``[K, 4]`` is pooled
+    from: detectron2's floor(4 + log2(size / 224)), clamped to the pyramid. ``[K]``."""
+    size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
+    last = first_level + num_levels - 1
+    return torch.floor(4 + torch.log2(size / 224 + 1e-8)).clamp(first_level, last).long()
+
+
 def roi_pool(features: list[Tensor], boxes: list[Tensor], resolution: int,
              first_level: int = 2) -> Tensor:
     """RoIAlign of absolute xyxy boxes from a pyramid whose first map has stride
@@ -40,9 +48,7 @@ def roi_pool(features: list[Tensor], boxes: list[Tensor], resolution: int,
     ``[sum(boxes), C, r, r]``."""
     rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1)
                       for i, b in enumerate(boxes)])
-    size = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()
-    last = first_level + len(features) - 1
-    level = torch.floor(4 + torch.log2(size / 224 + 1e-8)).clamp(first_level, last).long()
+    level = roi_levels(rois[:, 1:], first_level, len(features))
     out = rois.new_zeros(len(rois), features[0].shape[1], resolution, resolution)
     for i, feat in enumerate(features):
         idx = torch.nonzero(level == first_level + i).squeeze(1)

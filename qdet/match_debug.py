@@ -21,6 +21,7 @@ from torchvision.ops import box_convert, box_iou
 
 from .base import Detector
 from .matcher import CostMatrix, HungarianMatcher, solve
+from .terminal import box_text, mark, narrow_table, num, print_fitting, print_table
 
 
 @dataclass
@@ -142,42 +143,67 @@ def to_json(result: dict, names: list[str]) -> dict:
     return {**result, "rows": rows, "duplicates": dups}
 
 
+def _matches_columns(table: Table) -> None:
+    for col in ("target", "class", "box cx cy w h", "query", "predicted", "prob", "IoU"):
+        table.add_column(col, justify="left" if col in ("class", "predicted") else "right")
+
+
+def _costs_columns(table: Table, with_ids: bool) -> None:
+    for col in (("target", "query") if with_ids else ()) + (
+            "class", "L1", "GIoU", "total", "runner-up", "row min", "col min"):
+        table.add_column(col, justify="right")
+
+
+def _match_cells(r: MatchRow, names: list[str]) -> tuple[list[str], list[str]]:
+    runner = "-" if r.runner_up is None else f"q{r.runner_up} {r.margin:+.2f}"
+    matches = [str(r.target), names[r.target_label], box_text(r.target_box, 2), str(r.query),
+               names[r.pred_label], f"{r.pred_prob:.2f}", f"{r.iou:.2f}"]
+    costs = [num(r.cost_class), num(r.cost_bbox), num(r.cost_giou), num(r.total), runner,
+             mark(r.row_min), mark(r.col_min, "yellow")]
+    return matches, costs
+
+
 def render(result: dict, names: list[str], console: Console, title: str = "") -> None:
+    """The debug result as tables that read at 80 columns: one wide table when the console
+    has room for it, else the matches and their costs as two tables."""
     w = result["weights"]
     kind = "focal" if result["focal"] else "softmax"
-    table = Table(title=f"{title}Hungarian matching ({kind} class cost; weights class "
-                        f"{w['class']:g}, L1 {w['bbox']:g}, GIoU {w['giou']:g})")
-    for col in ("target", "class", "box (cx,cy,w,h)", "query", "predicted", "prob", "IoU",
-                "class", "L1", "GIoU", "total", "runner-up", "margin", "row min", "col min"):
-        table.add_column(col, justify="right")
-    fmt = lambda b: ", ".join(f"{v:.2f}" for v in b)  # noqa: E731
+    head = (f"{title}Hungarian matching ({kind} class cost; weights class {w['class']:g}, "
+            f"L1 {w['bbox']:g}, GIoU {w['giou']:g})")
+    about_costs = ("costs weighted as the matcher weighs them; runner-up: the target's "
+                   "next-cheapest query and how much more it costs; row/col min: the match "
+                   "is its query's / its target's cheapest")
+    wide = narrow_table("boxes normalized cx cy w h; " + about_costs)
+    _matches_columns(wide)
+    _costs_columns(wide, with_ids=False)
+    matches = narrow_table("boxes normalized cx cy w h")
+    _matches_columns(matches)
+    costs = narrow_table(about_costs)
+    _costs_columns(costs, with_ids=True)
     for r in result["rows"]:
-        table.add_row(
-            str(r.target), names[r.target_label], fmt(r.target_box), str(r.query),
-            names[r.pred_label], f"{r.pred_prob:.2f}", f"{r.iou:.2f}", f"{r.cost_class:.3f}",
-            f"{r.cost_bbox:.3f}", f"{r.cost_giou:.3f}", f"{r.total:.3f}",
-            "-" if r.runner_up is None else str(r.runner_up),
-            "-" if r.margin is None else f"{r.margin:.3f}",
-            "yes" if r.row_min else "[red]no[/]", "yes" if r.col_min else "[yellow]no[/]")
-    console.print(table)
+        m, c = _match_cells(r, names)
+        wide.add_row(*m, *c)
+        matches.add_row(*m)
+        costs.add_row(str(r.target), str(r.query), *c)
+    print_fitting(console, (head, wide), [(head, matches), ("matching costs", costs)])
     if len(result["layers"]) > 1:
-        layers = Table(title="query matched to each target, per decoder layer")
-        layers.add_column("target")
+        layers = narrow_table()
+        layers.add_column("target", justify="right")
         for i in range(len(result["layers"])):
-            layers.add_column(f"layer {i}", justify="right")
+            layers.add_column(f"L{i}", justify="right")
         for t in range(len(result["rows"])):
             layers.add_row(str(t), *(str(layer[t]) for layer in result["layers"]))
-        console.print(layers)
+        print_table(console, "query matched to each target at decoder layer L0, L1, ...", layers)
         console.print("assignment changes between consecutive layers: "
                       + ", ".join(str(c) for c in result["changes"]))
     if result["duplicates"]:
-        dup = Table(title="likely duplicates: unmatched, confident, overlapping a match")
-        for col in ("query", "class", "prob", "box", "overlaps query", "IoU"):
-            dup.add_column(col, justify="right")
+        dup = narrow_table("boxes normalized cx cy w h")
+        for col in ("query", "class", "prob", "box cx cy w h", "overlaps", "IoU"):
+            dup.add_column(col, justify="left" if col == "class" else "right")
         for d in result["duplicates"]:
-            dup.add_row(str(d.query), names[d.label], f"{d.prob:.2f}", fmt(d.box),
-                        str(d.overlaps_query), f"{d.iou:.2f}")
-        console.print(dup)
+            dup.add_row(str(d.query), names[d.label], f"{d.prob:.2f}", box_text(d.box, 2),
+                        f"q{d.overlaps_query}", f"{d.iou:.2f}")
+        print_table(console, "likely duplicates: unmatched, confident, overlapping a match", dup)
     else:
         console.print("no likely duplicates")
 
@@ -185,14 +211,9 @@ def render(result: dict, names: list[str], console: Console, title: str = "") ->
 def draw(img: Image.Image, result: dict, names: list[str]) -> Image.Image:
     """Targets in white, matched predictions in colour, a line joining each pair; likely
     duplicates in red."""
-    from .predict import colour, draw_box, font_for
+    from .predict import colour, draw_box, enlarge, font_for
 
-    img = img.convert("RGB")
-    if max(img.size) < 512:  # small images (the built-in data): enlarge so labels are legible
-        k = -(-512 // max(img.size))
-        img = img.resize((img.width * k, img.height * k), Image.NEAREST)
-    else:
-        img = img.copy()
+    img, _ = enlarge(img)  # small images (the built-in data): labels legible
     draw_, font = ImageDraw.Draw(img), font_for(img)
     w, h = img.size
 

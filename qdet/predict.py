@@ -77,11 +77,24 @@ def draw_box(draw: ImageDraw.ImageDraw, box, text: str, col, font, width: int = 
         draw.text((x0 + 2, ty + 1), text, fill=(0, 0, 0), font=font)
 
 
+def enlarge(img: Image.Image, min_side: int = 512) -> tuple[Image.Image, int]:
+    """An RGB copy of ``img``, scaled up by a whole factor ``k`` (nearest neighbour) when its
+    longer side is under ``min_side``, so that labels drawn on it are legible without
+    covering small objects (the built-in data's 128 px images); returns ``(image, k)``."""
+    img = img.convert("RGB")
+    if max(img.size) >= min_side:
+        return img.copy(), 1
+    k = -(-min_side // max(img.size))
+    return img.resize((img.width * k, img.height * k), Image.NEAREST), k
+
+
 def draw_detections(img: Image.Image, detections: list[dict]) -> Image.Image:
-    """A copy of ``img`` with each detection's box, name and score."""
-    img = img.convert("RGB").copy()
+    """A copy of ``img`` (enlarged when small, see :func:`enlarge`) with each detection's
+    box, name and score."""
+    img, k = enlarge(img)
     draw, font = ImageDraw.Draw(img), font_for(img)
     width = max(2, min(img.width, img.height) // 200)
     for d in detections:
-        draw_box(draw, d["box"], f"{d['name']} {d['score']:.2f}", colour(d["label"]), font, width)
+        draw_box(draw, [v * k for v in d["box"]], f"{d['name']} {d['score']:.2f}",
+                 colour(d["label"]), font, width)
     return img
