@@ -177,9 +177,14 @@ def eval_(
                                           "CPU, but every new input size compiles again "
                                           "(seconds each), so it pays on long evaluations "
                                           "of same-sized images.")] = False,
+    threshold: Annotated[float, typer.Option(help="Score from which a detection counts in "
+                                             "the confusion matrix and the diagnosis.")] = 0.5,
 ):
-    """COCO bbox metrics (AP, AP50, AP75, APs/m/l, AR@100) of a checkpoint on a dataset."""
-    from .evaluation import coco_stats, predict_dataset
+    """COCO bbox metrics (AP, AP50, AP75, APs/m/l, AR@100) of a checkpoint on a dataset,
+    and per class; writes the results JSON and beside it per_class.csv, confusion.png
+    (IoU 0.5, with background) and pr.png."""
+    from .eval_report import show_report, write_report
+    from .evaluation import coco_eval, predict_dataset, stats_of
     from .terminal import stats_table
 
     if not weights.is_file():
@@ -188,11 +193,14 @@ def eval_(
     dataset = eval_dataset(model, weights, data, images, builtin_fallback=False)
     results = predict_dataset(model, dataset, next(model.parameters()).device, batch_size,
                               workers, bf16=bf16)
-    stats = coco_stats(dataset, results)
-    console.print(stats_table(stats, f"{weights.name}: COCO bbox ({len(dataset)} images)"))
+    ev = coco_eval(dataset, results)
+    console.print(stats_table(stats_of(ev), f"{weights.name}: COCO bbox ({len(dataset)} "
+                                            "images)"))
     out = out or weights.with_name(weights.stem + "_results.json")
     out.write_text(json.dumps(results))
     console.print(f"{len(results)} detections written to {out}")
+    show_report(write_report(dataset, results, out.parent, threshold, ev=ev,
+                             weights=str(weights)), weights.name)
 
 
 @app.command()
