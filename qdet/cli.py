@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from .bench_cli import bench_app
+from .plot_cli import plot
 from .registry import ARCHS
 from .terminal import Device, console, err, fail, pick_device
 
@@ -105,6 +106,10 @@ def train(
                                                        "images.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Number of epochs (preset default "
                                                   "if unset).")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(
+        "--time", metavar="MINUTES", help="Wall-clock budget instead of --epochs: after a "
+        "timed warm-up the run fixes its steps so the lr schedule ends when the budget does, "
+        "and evaluates at up to 10 points along the way.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per step and process.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate of the transformer.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/ARCH-TIME); "
@@ -119,6 +124,9 @@ def train(
                                                   "shapes without --data, paper with.")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the "
                                           "transformer.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to "
+                                              "RUN/tensorboard (needs the tensorboard "
+                                              "package).")] = False,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast "
                                                  "(default: the preset's; built-in presets use "
                                                  "it where the hardware supports it).")] = None,
@@ -137,11 +145,16 @@ def train(
 
     model_o, train_o = parse_sets(set_)
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
-                       ("num_workers", workers), ("seed", seed)):
+                       ("num_workers", workers), ("seed", seed),
+                       ("time.minutes", time_budget)):
         if value is not None:
             train_o[key] = value
+    if time_budget is not None and time_budget <= 0:
+        fail(f"--time must be a positive number of minutes, got {time_budget:g}")
     if compile:
         train_o["compile"] = True
+    if tensorboard:
+        train_o["tensorboard"] = True
     if bf16 is not None:
         train_o["precision"] = "bf16" if bf16 else "fp32"
     if preset not in (None, "shapes", "paper"):
@@ -155,7 +168,8 @@ def train(
                      backbone_weights=backbone_weights and str(backbone_weights))
     except (DataError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
         fail(str(e))
-    console.print(f"run saved in {result['out']} (best.pt, last.pt, metrics.jsonl)")
+    console.print(f"run saved in {result['out']} (best.pt, last.pt, metrics.jsonl, "
+                  "results.csv, curves.png)")
 
 
 @app.command("eval")
@@ -339,6 +353,9 @@ def archs():
         m = method(name)
         table.add_row(name, m.paper, "sigmoid focal" if m.focal else "softmax + no object")
     console.print(table)
+
+
+app.command()(plot)
 
 
 def main():

@@ -3,11 +3,11 @@
 After every epoch rank 0 rewrites ``results.csv`` (one row per epoch, from the rows of
 ``metrics.jsonl``) and sends the rows to a drawing process that renders ``curves.png``
 (``qdet.plots``) at low priority: the training loop never waits for a figure nor shares its
-interpreter lock with one (a thread drawing slowed the training thread's op dispatch
-several-fold while it drew), and a figure that fails is a warning, once, never a failed
-run. ``--tensorboard`` adds TensorBoard scalars
-(``RUN/tensorboard``) when the package is installed. ``load_run``, ``run_labels`` and
-``compare_runs`` read finished or running folders for ``qdet plot``.
+interpreter lock with one (matplotlib draws in Python, and the training thread needs the
+lock to launch every op), and a figure that fails is a warning, once, never a failed run.
+``--tensorboard`` adds TensorBoard scalars (``RUN/tensorboard``) when the package is
+installed. ``load_run``, ``run_labels`` and ``compare_runs`` read finished or running
+folders for ``qdet plot``.
 """
 from __future__ import annotations
 
