@@ -157,6 +157,8 @@ def overlay(lines: list[tuple[str, list, list]], xlabel: str, ylabel: str, path:
         _line(ax, xs, ys, label=label, linewidth=1.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    if xlabel != "epoch":  # time and images both start from nothing
+        ax.set_xlim(left=0)
     if ylabel.startswith("A"):
         ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
