@@ -162,3 +162,31 @@ def test_time_and_epochs_are_one_or_the_other(tmp_path, monkeypatch):
     assert r.exit_code == 1 and "replaces --epochs: pass one of them" in r.output
     r = CliRunner().invoke(app, ["train", "--time", "-2", *TINY_SHAPES])
     assert r.exit_code == 1 and "--time must be a positive number" in r.output
+
+
+def test_timed_run_on_two_processes_follows_rank_0s_plan(tmp_path):
+    """Under torchrun each rank times its own warm-up; all must follow one plan (rank 0's),
+    or their collectives would stop matching. Real clock: the numbers vary, the agreement
+    must not."""
+    import os
+    import subprocess
+    import sys
+
+    sets = []
+    for k, v in MODEL.items():
+        sets += ["--set", f"{k}={v}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "qdet", "train", "--time", "0.1", "--device", "cpu", "--out",
+           str(tmp_path / "run"), "--batch-size", "2", "--workers", "0",
+           "--set", "shapes.train_images=8", "--set", "shapes.val_images=4",
+           "--set", "shapes.image_size=64", "--set", "time.warmup=2",
+           "--set", "time.max_evals=2", *sets]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    t = json.loads((tmp_path / "run" / "config.json").read_text())["train"]["time"]
+    r = rows(tmp_path / "run")
+    assert [x["epoch"] for x in r] == list(range(1, t["evals"] + 1))
+    assert r[-1]["step"] == t["total_steps"] == sum(x["steps"] for x in r)
+    assert r[-1]["images"] == t["total_steps"] * 2 * 2 and r[-1]["world_size"] == 2
+    assert (tmp_path / "run" / "curves.png").is_file()
