@@ -365,11 +365,13 @@ class WarmupPlanner:
         return budget.part_bounds(self.cfg.time)[1]
 
 
-def write_config(out: Path, model: Detector, cfg: TrainConfig, data_spec: dict) -> None:
-    """``config.json``: what the run trains and how (a timed run's plan included)."""
-    write_atomic(out / "config.json", json.dumps(
-        {"arch": model.arch, "model": dataclasses.asdict(model.config),
-         "train": dataclasses.asdict(cfg), "data": data_spec}, indent=2))
+def record_plan(out: Path, cfg: TrainConfig) -> None:
+    """A timed run's plan into ``config.json``: its ``train`` entry is replaced, everything
+    else the file holds is kept."""
+    path = out / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    config["train"] = dataclasses.asdict(cfg)
+    write_atomic(path, json.dumps(config, indent=2))
 
 
 def save_epoch(model: Detector, opt: Optimization, state: RunState, cfg: TrainConfig,
@@ -444,7 +446,7 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
             if planner is not None:
                 cfg = planner.cfg
                 if rank == 0:
-                    write_config(out, model, cfg, data_spec)
+                    record_plan(out, cfg)
             images += metrics["steps"] * cfg.batch_size * world
             metrics.update(world_size=world, bf16=bf16, step=opt.scheduler.last_epoch,
                            images=images)

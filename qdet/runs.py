@@ -5,6 +5,7 @@ built-in data or COCO-format files with a preset's recipe, or a run resumed exac
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from . import presets
 from .base import Detector
 from .checkpoint import model_from_checkpoint, read_checkpoint
 from .data import AugmentConfig, DetectionDataset
-from .engine import TrainConfig, init_distributed, train, write_config
+from .engine import TrainConfig, init_distributed, train
 from .registry import apply_overrides, build_model, config_from_dict, method
 from .terminal import console
 
@@ -193,7 +194,9 @@ def announce(run: Run, world: int, device: torch.device) -> None:
     """Rank 0: create the run folder, write ``config.json`` and say what will happen."""
     model, cfg = run.model, run.cfg
     run.out.mkdir(parents=True, exist_ok=True)
-    write_config(run.out, model, cfg, run.data_spec)
+    (run.out / "config.json").write_text(json.dumps(
+        {"arch": model.arch, "model": dataclasses.asdict(model.config),
+         "train": dataclasses.asdict(cfg), "data": run.data_spec}, indent=2))
     n_params = sum(p.numel() for p in model.parameters())
     length = (f"{cfg.time.minutes:g} min budget" if cfg.time.minutes else f"{cfg.epochs} epochs")
     console.print(f"[bold]qdet train[/] {model.arch}: {n_params / 1e6:.1f}M parameters, "

@@ -126,7 +126,9 @@ def test_time_sets_steps_from_the_warm_up_and_resumes_exactly(tmp_path, fake_clo
     assert [x["steps"] for x in r] == [4, 2, 2] and [x["images"] for x in r] == [16, 24, 32]
     assert all("AP" in x for x in r)                      # every part ends evaluated
     assert r[-1]["lr"] == pytest.approx(0.0, abs=1e-12)   # cosine ends with the budget
-    assert json.loads((tmp_path / "straight" / "config.json").read_text())["train"]["time"] == t
+    config = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert config["train"]["time"] == t                  # the plan, the rest of it kept:
+    assert config["arch"] == "detr" and config["data"] == {"kind": "shapes"}
     # a run that crashes in part 3 and is resumed on a slower machine keeps its plan and
     # ends exactly where the uninterrupted one did
     real_seed = qdet.engine.seed_everything
