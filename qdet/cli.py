@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .bench_cli import bench_app
 from .explain_cli import explain_cmd
+from .plot_cli import plot
 from .registry import ARCHS
 from .terminal import Device, console, err, fail, pick_device
 from .zoo_cli import zoo
@@ -116,6 +117,10 @@ def train(
                                                        "images.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Number of epochs (preset default "
                                                   "if unset).")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(
+        "--time", metavar="MINUTES", help="Wall-clock budget instead of --epochs: after a "
+        "timed warm-up the run fixes its steps so the lr schedule ends when the budget does, "
+        "and evaluates at up to 10 points along the way.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per step and process.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate of the transformer.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/ARCH-TIME); "
@@ -130,6 +135,9 @@ def train(
                                                   "shapes without --data, paper with.")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the "
                                           "transformer.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to "
+                                              "RUN/tensorboard (needs the tensorboard "
+                                              "package).")] = False,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast "
                                                  "(default: the preset's; built-in presets use "
                                                  "it where the hardware supports it).")] = None,
@@ -155,11 +163,16 @@ def train(
 
     model_o, train_o = parse_sets(set_)
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
-                       ("num_workers", workers), ("seed", seed)):
+                       ("num_workers", workers), ("seed", seed),
+                       ("time.minutes", time_budget)):
         if value is not None:
             train_o[key] = value
+    if time_budget is not None and time_budget <= 0:
+        fail(f"--time must be a positive number of minutes, got {time_budget:g}")
     if compile:
         train_o["compile"] = True
+    if tensorboard:
+        train_o["tensorboard"] = True
     if bf16 is not None:
         train_o["precision"] = "bf16" if bf16 else "fp32"
     if preset not in (None, "shapes", "paper"):
@@ -174,7 +187,8 @@ def train(
                      weights=weights, freeze_backbone=freeze_backbone)
     except (DataError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
         fail(str(e))
-    console.print(f"run saved in {result['out']} (best.pt, last.pt, metrics.jsonl)")
+    console.print(f"run saved in {result['out']} (best.pt, last.pt, metrics.jsonl, "
+                  "results.csv, curves.png)")
 
 
 @app.command("eval")
@@ -196,9 +210,14 @@ def eval_(
                                           "CPU, but every new input size compiles again "
                                           "(seconds each), so it pays on long evaluations "
                                           "of same-sized images.")] = False,
+    threshold: Annotated[float, typer.Option(help="Score from which a detection counts in "
+                                             "the confusion matrix and the diagnosis.")] = 0.5,
 ):
-    """COCO bbox metrics (AP, AP50, AP75, APs/m/l, AR@100) of a checkpoint on a dataset."""
-    from .evaluation import coco_stats, predict_dataset
+    """COCO bbox metrics (AP, AP50, AP75, APs/m/l, AR@100) of a checkpoint on a dataset,
+    and per class; writes the results JSON and beside it per_class.csv, confusion.png
+    (IoU 0.5, with background) and pr.png."""
+    from .eval_report import show_report, write_report
+    from .evaluation import coco_eval, predict_dataset, stats_of
     from .terminal import stats_table
 
     path = find_weights(weights)
@@ -206,14 +225,16 @@ def eval_(
     dataset = eval_dataset(model, path, data, images, builtin_fallback=False)
     results = predict_dataset(model, dataset, next(model.parameters()).device, batch_size,
                               workers, bf16=bf16)
-    stats = coco_stats(dataset, results)
-    console.print(stats_table(stats, f"{path.name}: COCO bbox ({len(dataset)} images)"))
+    ev = coco_eval(dataset, results)
+    console.print(stats_table(stats_of(ev), f"{path.name}: COCO bbox ({len(dataset)} images)"))
     if out is None:  # beside a file the user named; a zoo or Hub model's in this folder
         given = Path(weights)
         out = (given.with_name(given.stem + "_results.json") if given.is_file()
                else Path(given.name + "_results.json"))
     out.write_text(json.dumps(results))
     console.print(f"{len(results)} detections written to {out}")
+    show_report(write_report(dataset, results, out.parent, threshold, ev=ev,
+                             weights=str(weights)), path.name)
 
 
 @app.command()
@@ -360,6 +381,9 @@ def archs():
         m = method(name)
         table.add_row(name, m.paper, "sigmoid focal" if m.focal else "softmax + no object")
     console.print(table)
+
+
+app.command()(plot)
 
 
 def main():

@@ -6,7 +6,11 @@ gloo on CPU, nccl on GPU; rank 0 logs and writes checkpoints). Each epoch ends w
 evaluation, a line in ``metrics.jsonl`` and atomic ``last.pt``/``best.pt`` checkpoints that
 carry arch, config, class names, epoch, optimizer and scheduler. Randomness (data order,
 augmentation, dropout) is seeded from (seed, epoch, rank), so ``--resume`` continues exactly
-where an uninterrupted run would be.
+where an uninterrupted run would be. With a wall-clock budget (``TrainConfig.time``,
+``qdet train --time``) the run is planned after a timed warm-up and split into equal parts
+instead of epochs (``qdet.budget``). Rank 0 keeps the run folder readable as it goes
+(``results.csv``, ``curves.png``, optional TensorBoard: ``qdet.run_log``) and ends with the
+best checkpoint's per-class results (``qdet.eval_report``).
 """
 from __future__ import annotations
 
@@ -22,13 +26,16 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from . import budget
 from .base import Detector
+from .budget import PassIndexed, StreamSampler, TimeConfig
 from .checkpoint import model_checkpoint, save_checkpoint
 from .criterion import SetCriterion
 from .data import AugmentConfig, DetectionDataset, collate
-from .evaluation import evaluate
+from .evaluation import evaluate, predict_dataset
+from .run_log import RunLog, restore_rows, write_atomic
 from .shapes import ShapesConfig
 from .terminal import console, progress_bar, stats_table
 
@@ -56,6 +63,8 @@ class TrainConfig:
     channels_last: bool = False         # NHWC convolutions (faster on CPU)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)  # the built-in data, if used
+    time: TimeConfig = field(default_factory=TimeConfig)  # a wall-clock budget, not epochs
+    tensorboard: bool = False           # also log scalars to RUN/tensorboard
 
 
 # ---------------------------------------------------------------------- distribution
@@ -105,17 +114,35 @@ def make_optimizer(model: Detector, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
-def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    total = max(cfg.epochs * steps_per_epoch, 1)
-
+def lr_factor(cfg: TrainConfig, total: int | None) -> Callable[[int], float]:
+    """The lr multiplier at each step of a ``total``-step run: linear warmup, then cosine
+    decay to 0 at ``total``, or x0.1 at each of ``lr_drops`` (epochs of ``cfg.epochs``, so at
+    the same fraction of a timed run). ``total=None`` (a timed run before its plan): the
+    schedule's start."""
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
         if cfg.schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+            done = min(step, total) / total if total else 0.0
+            return warm * 0.5 * (1 + math.cos(math.pi * done))
         if cfg.schedule == "step":
-            return warm * 0.1 ** sum(step >= e * steps_per_epoch for e in cfg.lr_drops)
+            drops = sum(step >= e * total // cfg.epochs for e in cfg.lr_drops) if total else 0
+            return warm * 0.1 ** drops
         raise ValueError(f"unknown schedule {cfg.schedule!r} (use 'step' or 'cosine')")
     return factor
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
+    """Steps of the whole run; None for a timed run not planned yet."""
+    if cfg.time.minutes:
+        return cfg.time.total_steps or None
+    return max(cfg.epochs * steps_per_epoch, 1)
+
+
+def num_parts(cfg: TrainConfig) -> int:
+    """Epochs, or a timed run's parts (1 until it is planned)."""
+    if cfg.time.minutes:
+        return cfg.time.evals or 1
+    return cfg.epochs
 
 
 def bf16_native(device: torch.device) -> bool:
@@ -162,12 +189,13 @@ class Optimization:
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
 
-def make_optimization(model: Detector, cfg: TrainConfig, steps_per_epoch: int,
+def make_optimization(model: Detector, cfg: TrainConfig, total: int | None,
                       device: torch.device, resume: dict | None) -> Optimization:
-    """Criterion, AdamW and the lr schedule, restored from ``resume`` when given."""
+    """Criterion, AdamW and the lr schedule over ``total`` steps, restored from ``resume``
+    when given."""
     criterion = SetCriterion(model.config.num_classes, model.config.loss, model.focal).to(device)
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total))
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -201,9 +229,29 @@ def epoch_loader(train_set: DetectionDataset, sampler, cfg: TrainConfig, epoch: 
                       persistent_workers=False, pin_memory=device.type == "cuda")
 
 
+def part_loader(train_set: DetectionDataset, cfg: TrainConfig, part: int, world: int,
+                rank: int, device: torch.device) -> tuple[DataLoader, int]:
+    """A timed run's part ``part``: its stretch of the data stream and its number of steps
+    (before the plan, the first part is open-ended and its length the warm-up's)."""
+    if cfg.time.total_steps:
+        bounds = budget.part_bounds(cfg.time)
+        start, stop = bounds[part], bounds[part + 1]
+    else:
+        start, stop = 0, None
+    per_step = cfg.batch_size * world
+    sampler = StreamSampler(len(train_set), cfg.seed, start * per_step,
+                            None if stop is None else stop * per_step, rank, world)
+    loader = DataLoader(PassIndexed(train_set), batch_size=cfg.batch_size, sampler=sampler,
+                        num_workers=cfg.num_workers, collate_fn=collate,
+                        persistent_workers=False, pin_memory=device.type == "cuda")
+    return loader, (cfg.time.warmup if stop is None else stop - start)
+
+
 def train_step(net, opt: Optimization, images, targets, cfg: TrainConfig, bf16: bool,
                where: str, params) -> dict[str, Tensor]:
-    """One optimization step; returns the logged losses (total, main terms, encoder)."""
+    """One optimization step; returns the logged losses: the weighted total, every term of
+    every layer (``loss_ce``, ``loss_ce_0``, ..., ``loss_ce_enc``) and the encoder's
+    weighted total (``loss_enc``) where there is one."""
     with torch.autocast(images[0].device.type, dtype=torch.bfloat16, enabled=bf16):
         outputs = net(images)
     losses = opt.criterion(outputs, targets)  # in float32
@@ -219,47 +267,118 @@ def train_step(net, opt: Optimization, images, targets, cfg: TrainConfig, bf16: 
         torch.nn.utils.clip_grad_norm_(params, cfg.clip_max_norm)
     opt.optimizer.step()
     opt.scheduler.step()
-    logged = {"loss": loss, **{k: losses[k] for k in ("loss_ce", "loss_bbox", "loss_giou")}}
+    logged = {"loss": loss, **losses}
     enc = {k: v for k, v in losses.items() if k.endswith("_enc")}
     if enc:  # two-stage / dense-prior models: the encoder's own set loss
         logged["loss_enc"] = opt.criterion.weighted(enc)
     return logged
 
 
-def train_one_epoch(net, model: Detector, opt: Optimization, loader: DataLoader,
+def train_one_epoch(net, model: Detector, opt: Optimization, loader: DataLoader, steps: int,
                     cfg: TrainConfig, device: torch.device, bf16: bool, epoch: int,
-                    out: Path, show: bool) -> dict:
-    """One pass over ``loader`` with a progress bar; returns the epoch's mean losses, lr,
-    steps and seconds."""
+                    title: str, out: Path, show: bool, log: RunLog | None = None,
+                    on_step: Callable[[int], int | None] | None = None) -> dict:
+    """``steps`` steps of ``loader`` with a progress bar; returns their mean losses, lr,
+    steps and seconds. ``on_step(done)`` may return a new number of steps (a timed run's
+    plan)."""
     t0 = time.time()
     sums: dict[str, float] = {}
+    n = 0
     net.train()
     with progress_bar(disable=not show) as bar:
-        task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="")
-        for step, (images, targets) in enumerate(loader):
+        task = bar.add_task(title, total=steps, info="")
+        for images, targets in loader:
             images, targets = to_device(images, targets, device)
             try:
                 logged = train_step(net, opt, images, targets, cfg, bf16,
-                                    f"epoch {epoch + 1}, step {step}", model.parameters())
+                                    f"epoch {epoch + 1}, step {n}", model.parameters())
             except FloatingPointError as e:
                 raise FloatingPointError(f"{e}. The last good checkpoint is {out / 'last.pt'}"
                                          ) from None
             values = torch.stack([v.detach() for v in logged.values()]).tolist()  # 1 sync
             for k, v in zip(logged, values):
                 sums[k] = sums.get(k, 0.0) + v
-            n = step + 1
-            bar.update(task, advance=1, info=f"loss {sums['loss'] / n:.3f} "
-                       f"lr {opt.optimizer.param_groups[0]['lr']:.2e} "
-                       f"{n / max(time.time() - t0, 1e-9):.2f} it/s")
-    return {"epoch": epoch + 1, **{k: v / max(len(loader), 1) for k, v in sums.items()},
-            "lr": opt.optimizer.param_groups[0]["lr"], "steps": len(loader),
+            n += 1
+            lr = opt.optimizer.param_groups[0]["lr"]
+            if log is not None:
+                log.add_step(opt.scheduler.last_epoch, values[0], lr)
+            if on_step is not None:
+                steps = on_step(n) or steps
+            bar.update(task, advance=1, total=steps, info=f"loss {sums['loss'] / n:.3f} "
+                       f"lr {lr:.2e} {n / max(time.time() - t0, 1e-9):.2f} it/s")
+            if n >= steps:
+                break
+    return {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
+            "lr": opt.optimizer.param_groups[0]["lr"], "steps": n,
             "train_seconds": time.time() - t0}
 
 
+class WarmupPlanner:
+    """The ``on_step`` of a timed run's first part: after ``cfg.time.warmup`` steps it times
+    them and a small evaluation, fixes the run's steps and parts (``budget.plan``), lays the
+    lr schedule over them and returns the first part's length. ``cfg`` is then the planned
+    config."""
+
+    def __init__(self, cfg: TrainConfig, opt: Optimization, net, val_set, device,
+                 bf16: bool, start: float, world: int, rank: int):
+        self.cfg, self.opt, self.net, self.val_set = cfg, opt, net, val_set
+        self.device, self.bf16, self.start, self.world, self.rank = device, bf16, start, world, rank
+        self.timer = budget.StepTimer()
+        self.planned = False
+
+    def eval_seconds(self) -> float:
+        """An evaluation's time, from predictions on two batches' worth of images."""
+        if self.val_set is None:
+            return 0.0
+        n = min(len(self.val_set), 2 * self.cfg.batch_size * self.world)
+        t = budget.clock()
+        predict_dataset(self.net, Subset(self.val_set, range(n)), self.device,
+                        self.cfg.batch_size, self.cfg.num_workers, show_progress=False,
+                        bf16=self.bf16)
+        self.net.train()
+        return (budget.clock() - t) * len(self.val_set) / max(n, 1)
+
+    def __call__(self, done: int) -> int | None:
+        if self.planned:
+            return None
+        self.timer.tick()
+        tc = self.cfg.time
+        if done < tc.warmup:
+            return None
+        self.planned = True
+        step_s, eval_s = self.timer.step_seconds(), self.eval_seconds()
+        total, evals = budget.plan(tc.minutes * 60, budget.clock() - self.start, step_s, eval_s,
+                                   done, tc.max_evals)
+        if self.world > 1:  # every rank follows rank 0's plan
+            box = [total, evals, step_s, eval_s]
+            dist.broadcast_object_list(box, src=0)
+            total, evals, step_s, eval_s = box
+        self.cfg = dataclasses.replace(self.cfg, time=dataclasses.replace(
+            tc, total_steps=total, evals=evals, step_seconds=step_s, eval_seconds=eval_s))
+        sched = self.opt.scheduler
+        sched.lr_lambdas = [lr_factor(self.cfg, total)] * len(sched.lr_lambdas)
+        if self.rank == 0:
+            console.print(f"time budget {tc.minutes:g} min: {done} warm-up steps at "
+                          f"{step_s:.3f} s, an evaluation about {eval_s:.1f} s -> {total} "
+                          f"steps in {evals} part{'s' * (evals > 1)}, each ending with an "
+                          "evaluation")
+        return budget.part_bounds(self.cfg.time)[1]
+
+
+def record_plan(out: Path, cfg: TrainConfig) -> None:
+    """A timed run's plan into ``config.json``: its ``train`` entry is replaced, everything
+    else the file holds is kept."""
+    path = out / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    config["train"] = dataclasses.asdict(cfg)
+    write_atomic(path, json.dumps(config, indent=2))
+
+
 def save_epoch(model: Detector, opt: Optimization, state: RunState, cfg: TrainConfig,
-               data_spec: dict, metrics: dict, out: Path, evaluated: bool) -> None:
+               data_spec: dict, metrics: dict, out: Path, evaluated: bool) -> bool:
     """Rank 0 after an epoch: ``last.pt`` (everything to resume), ``best.pt`` when the AP
-    improved (or without validation data), a line in ``metrics.jsonl``."""
+    improved (or without validation data), a line in ``metrics.jsonl``. Returns whether
+    the AP improved."""
     ap = metrics.get("AP", -1.0)
     improved = ap > state.best_ap or not evaluated
     state.best_ap = max(state.best_ap, ap)
@@ -273,44 +392,104 @@ def save_epoch(model: Detector, opt: Optimization, state: RunState, cfg: TrainCo
                                           if k not in ("optimizer", "scheduler")})
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
+    return improved
+
+
+def part_title(cfg: TrainConfig, epoch: int) -> str:
+    if cfg.time.minutes:
+        return f"{cfg.time.minutes:g} min, part {epoch + 1}/{cfg.time.evals or '?'}"
+    return f"epoch {epoch + 1}/{cfg.epochs}"
 
 
 def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDataset | None,
           cfg: TrainConfig, out: Path, device: torch.device, data_spec: dict,
           resume: dict | None = None) -> dict:
     """Train ``model``; returns the last epoch's metrics. ``resume`` is a checkpoint dict."""
+    start = budget.clock()
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     out = Path(out)
     model.preprocess = {"size": cfg.augment.eval_size, "max_size": cfg.augment.max_size}
     model.to(device)
     steps_per_epoch = max(len(train_set) // (cfg.batch_size * world), 1)
-    opt = make_optimization(model, cfg, steps_per_epoch, device, resume)
+    opt = make_optimization(model, cfg, total_steps(cfg, steps_per_epoch), device, resume)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True) if world > 1 else None
-    state = RunState()
+    state, before = RunState(), {}
     if resume is not None:
         state = RunState(epoch=resume["epoch"], best_ap=resume.get("best_ap", -1.0))
+        before = resume.get("metrics") or {}
     bf16 = use_bf16(cfg, device)
     net = prepare_model(model, cfg, device, world)
+    log = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        rows = restore_rows(out, state.epoch, before or None)
+        log = RunLog(out, rows, f"{out.name} ({model.arch})", cfg.tensorboard)
+    images, seconds = before.get("images", 0), before.get("time", 0.0)
     metrics = {}
-    for epoch in range(state.epoch, cfg.epochs):
-        seed_everything(cfg.seed + 1000 * epoch + rank)
-        loader = epoch_loader(train_set, sampler, cfg, epoch, device)
-        metrics = train_one_epoch(net, model, opt, loader, cfg, device, bf16, epoch, out,
-                                  show=rank == 0)
-        metrics.update(world_size=world, bf16=bf16)
-        evaluate_now = val_set is not None and ((epoch + 1) % cfg.eval_every == 0
-                                                or epoch + 1 == cfg.epochs)
-        if evaluate_now:
-            stats, _ = evaluate(net, val_set, device, batch_size=cfg.batch_size,
-                                num_workers=cfg.num_workers, bf16=bf16)
-            metrics.update(stats)
-        state.epoch = epoch + 1
-        if rank == 0:
-            save_epoch(model, opt, state, cfg, data_spec, metrics, out, val_set is not None)
-            if "AP" in metrics:
-                console.print(stats_table(metrics, f"epoch {epoch + 1}: val COCO bbox"))
-        if dist.is_initialized():
-            dist.barrier()
+    try:
+        while state.epoch < num_parts(cfg):
+            epoch = state.epoch
+            seed_everything(cfg.seed + 1000 * epoch + rank)
+            planner = None
+            if cfg.time.minutes:
+                loader, steps = part_loader(train_set, cfg, epoch, world, rank, device)
+                if not cfg.time.total_steps:
+                    planner = WarmupPlanner(cfg, opt, net, val_set, device, bf16, start, world,
+                                            rank)
+            else:
+                loader = epoch_loader(train_set, sampler, cfg, epoch, device)
+                steps = len(loader)
+            metrics = train_one_epoch(net, model, opt, loader, steps, cfg, device, bf16, epoch,
+                                      part_title(cfg, epoch), out, rank == 0, log, planner)
+            if planner is not None:
+                cfg = planner.cfg
+                if rank == 0:
+                    record_plan(out, cfg)
+            images += metrics["steps"] * cfg.batch_size * world
+            metrics.update(world_size=world, bf16=bf16, step=opt.scheduler.last_epoch,
+                           images=images)
+            last = epoch + 1 == num_parts(cfg)
+            evaluate_now = val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or last)
+            results = None
+            if evaluate_now:
+                stats, results = evaluate(net, val_set, device, batch_size=cfg.batch_size,
+                                          num_workers=cfg.num_workers, bf16=bf16)
+                metrics.update(stats)
+            metrics["time"] = seconds + budget.clock() - start
+            state.epoch = epoch + 1
+            if rank == 0:
+                improved = save_epoch(model, opt, state, cfg, data_spec, metrics, out,
+                                      val_set is not None)
+                if improved and results is not None:  # what `qdet eval best.pt` would write
+                    write_atomic(out / "best_results.json", json.dumps(results))
+                log.add_epoch(metrics)
+                if "AP" in metrics:
+                    console.print(stats_table(metrics, f"{part_title(cfg, epoch)}: val COCO "
+                                                       "bbox"))
+            if dist.is_initialized():
+                dist.barrier()
+    finally:
+        if log is not None:
+            log.close()
+    if rank == 0:
+        finish(cfg, val_set, out, log.rows, state, seconds + budget.clock() - start)
     return metrics
+
+
+def finish(cfg: TrainConfig, val_set, out: Path, rows: list[dict], state: RunState,
+           seconds: float) -> None:
+    """Rank 0 at the end: how a timed run kept its budget; the best checkpoint's per-class
+    results, confusion matrix and PR curves in the run folder."""
+    if cfg.time.minutes:
+        console.print(f"time budget {cfg.time.minutes:g} min: {cfg.time.total_steps} steps, "
+                      f"{seconds / 60:.1f} min in all")
+    if val_set is None or not (out / "best_results.json").is_file():
+        return
+    from .eval_report import show_report, write_report
+
+    best = next((r for r in rows if r.get("AP") == state.best_ap), None)
+    results = json.loads((out / "best_results.json").read_text())
+    report = write_report(val_set, results, out, losses=[r["loss"] for r in rows])
+    show_report(report, "best.pt" + (f" ({part_title(cfg, best['epoch'] - 1)})" if best else ""))

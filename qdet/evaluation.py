@@ -64,10 +64,12 @@ def predict_dataset(model: Detector, dataset: DetectionDataset, device, batch_si
     return results
 
 
-def coco_stats(dataset: DetectionDataset, results: list[dict]) -> dict[str, float]:
-    """pycocotools bbox metrics; all zeros when there is no detection at all."""
+def coco_eval(dataset: DetectionDataset, results: list[dict]) -> COCOeval | None:
+    """pycocotools' bbox evaluation of ``results``, evaluated, accumulated and summarized
+    (``.stats``, and ``.eval['precision']`` per IoU, recall, category, area and max
+    detections); None when there is no detection at all."""
     if not results:
-        return {k: 0.0 for k in STAT_NAMES}
+        return None
     gt = dataset.coco_gt()
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes([dict(r) for r in results])  # loadRes adds fields in place
@@ -75,7 +77,19 @@ def coco_stats(dataset: DetectionDataset, results: list[dict]) -> dict[str, floa
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    return ev
+
+
+def stats_of(ev: COCOeval | None) -> dict[str, float]:
+    """The summary metrics of a ``coco_eval`` (all zeros for None)."""
+    if ev is None:
+        return {k: 0.0 for k in STAT_NAMES}
     return {k: max(float(v), 0.0) for k, v in zip(STAT_NAMES, ev.stats)}
+
+
+def coco_stats(dataset: DetectionDataset, results: list[dict]) -> dict[str, float]:
+    """pycocotools bbox metrics; all zeros when there is no detection at all."""
+    return stats_of(coco_eval(dataset, results))
 
 
 def evaluate(model: Detector, dataset: DetectionDataset, device, batch_size: int = 8,

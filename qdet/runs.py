@@ -66,8 +66,21 @@ def resume_run(out: str | None, train_overrides: dict) -> Run:
                                 "start a run without --resume")
     ckpt = read_checkpoint(run / "last.pt")
     model = model_from_checkpoint(ckpt, str(run / "last.pt"))
-    cfg = apply_overrides(config_from_dict(TrainConfig, ckpt["train"]), train_overrides)
-    if ckpt["epoch"] >= cfg.epochs:
+    cfg = config_from_dict(TrainConfig, ckpt["train"])
+    timed = cfg.time.minutes > 0
+    fixed = [k for k in train_overrides if k == "epochs" or k.startswith("time")]
+    if fixed and (timed or any(k.startswith("time") for k in fixed)):
+        raise ValueError(f"{run / 'last.pt'}: --resume keeps a run's length (" + (
+            f"a timed run's plan of {cfg.time.total_steps} steps" if timed else
+            f"{cfg.epochs} epochs") + "), so --epochs / --time cannot change it here; "
+            + ("start a new run for another budget" if timed else "pass --epochs alone to "
+               "extend it"))
+    cfg = apply_overrides(cfg, train_overrides)
+    if timed and ckpt["epoch"] >= cfg.time.evals:
+        raise ValueError(f"{run / 'last.pt'} already finished its {cfg.time.minutes:g}-minute "
+                         f"budget ({cfg.time.total_steps} steps); start a new run to train "
+                         "more")
+    if not timed and ckpt["epoch"] >= cfg.epochs:
         raise ValueError(f"{run / 'last.pt'} already finished {ckpt['epoch']} of "
                          f"{cfg.epochs} epochs; pass a larger --epochs to continue")
     train_set, val_set = make_datasets(ckpt["data"], cfg)
@@ -91,6 +104,14 @@ def train_config(arch: str, kind: str, spec: dict, train_overrides: dict) -> Tra
     """The preset's training config plus overrides; on the built-in data, images keep their
     size unless augmentation options are given."""
     cfg = apply_overrides(TrainConfig(), {**presets.preset(arch, kind).train, **train_overrides})
+    if cfg.time.minutes < 0:
+        raise ValueError(f"--time must be a positive number of minutes, got {cfg.time.minutes:g}")
+    if cfg.time.minutes and "epochs" in train_overrides:
+        raise ValueError("--time sets the run's length from a wall-clock budget, so it "
+                         "replaces --epochs: pass one of them")
+    if cfg.time.total_steps:
+        raise ValueError("time.total_steps is planned by a timed run itself; set --time "
+                         "(and time.warmup, time.max_evals) instead")
     if spec["kind"] == "shapes" and not any(k.startswith("augment") for k in train_overrides):
         s = cfg.shapes.image_size
         cfg = dataclasses.replace(cfg, augment=AugmentConfig(
@@ -202,6 +223,10 @@ def fit(arch: str | None = None, *, data: str | None = None, images: str | None 
         run = new_run(arch or "detr", data_spec(data, images, val_data, val_images), out,
                       preset, model_overrides or {}, train_overrides or {}, backbone_weights,
                       world)
+    if run.cfg.tensorboard:
+        from .run_log import check_tensorboard
+
+        check_tensorboard()
     if rank == 0:
         announce(run, world, device_)
     metrics = train(run.model, run.train_set, run.val_set, run.cfg, run.out, device_,
@@ -224,7 +249,8 @@ def announce(run: Run, world: int, device: torch.device) -> None:
         console.print(f"[bold]fine-tuning[/] {run.weights['source']}: {run.weights['summary']}",
                       highlight=False)
     n_params = sum(p.numel() for p in model.parameters())
+    length = (f"{cfg.time.minutes:g} min budget" if cfg.time.minutes else f"{cfg.epochs} epochs")
     console.print(f"[bold]qdet train[/] {model.arch}: {n_params / 1e6:.1f}M parameters, "
-                  f"{len(run.train_set)} training images, {cfg.epochs} epochs, "
+                  f"{len(run.train_set)} training images, {length}, "
                   f"batch {cfg.batch_size}x{world} on {device} -> {run.out}"
                   + (f" (resuming after epoch {run.resume['epoch']})" if run.resume else ""))

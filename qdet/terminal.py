@@ -8,6 +8,7 @@ from typing import Annotated, Optional, Sequence
 import typer
 from rich import box as boxes
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
@@ -17,7 +18,8 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1):
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the message is plain text: brackets in it (paths, "qdet[extra]") are not markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
