@@ -140,7 +140,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", fast: bool
     ``fast=True`` returns the inference fast path (``qdet.fast``): same outputs, faster;
     with ``compile=True`` its transformer is also compiled (torch.compile), which pays only
     when input sizes repeat: every new size compiles again.
+
+    A ``.onnx`` file written by ``qdet export`` loads as a ``qdet.export.OnnxDetector``
+    (onnxruntime; ``fast`` and ``compile`` do not apply).
     """
+    if Path(path).suffix.lower() == ".onnx":
+        from .export import OnnxDetector
+
+        return OnnxDetector(path, device)
     model = model_from_checkpoint(read_checkpoint(path), str(path)).to(device).eval()
     if fast:
         from .fast import optimize_for_inference
