@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from .bench_cli import bench_app
+from .export_cli import export_cmd
 from .registry import ARCHS
 from .terminal import Device, console, err, fail, pick_device
 
@@ -55,9 +56,13 @@ def find_weights(weights: Optional[Path]) -> Path:
     return run / "best.pt"
 
 
-def load_model(weights: Path, device: str, fast: bool = True, compile: bool = False):
+def load_model(weights: Path, device: str, fast: bool = True, compile: bool = False,
+               bf16: bool = False):
     from .checkpoint import CheckpointError, load
 
+    if weights.suffix.lower() == ".onnx" and (compile or bf16):
+        fail(f"{'--compile' if compile else '--bf16'} does not apply to an ONNX file: "
+             "onnxruntime runs it in float32 as exported")
     try:
         return load(weights, device=device, fast=fast, compile=compile)
     except (CheckpointError, ValueError) as e:
@@ -79,7 +84,8 @@ def eval_dataset(model, weights: Path, data: Optional[Path], images: Optional[Pa
             if images is None:
                 fail("--data needs --images (the folder its file_name fields are in)")
             return CocoDataset(data, images, aug, train=False)
-        ckpt = read_checkpoint(weights)
+        ckpt = model.checkpoint_info if weights.suffix.lower() == ".onnx" else \
+            read_checkpoint(weights)
         shapes_cfg = ckpt.get("train", {}).get("shapes")
         if ckpt.get("data", {}).get("kind") != "shapes" and not builtin_fallback:
             fail("this checkpoint was not trained on built-in data: pass --data ANN.json "
@@ -179,15 +185,16 @@ def eval_(
                                           "of same-sized images.")] = False,
 ):
     """COCO bbox metrics (AP, AP50, AP75, APs/m/l, AR@100) of a checkpoint on a dataset."""
+    from .base import model_device
     from .evaluation import coco_stats, predict_dataset
     from .terminal import stats_table
 
     if not weights.is_file():
         fail(f"weights file {weights} not found")
-    model = load_model(weights, pick_device(device), compile=compile)
+    model = load_model(weights, pick_device(device), compile=compile, bf16=bf16)
     dataset = eval_dataset(model, weights, data, images, builtin_fallback=False)
-    results = predict_dataset(model, dataset, next(model.parameters()).device, batch_size,
-                              workers, bf16=bf16)
+    results = predict_dataset(model, dataset, model_device(model), batch_size, workers,
+                              bf16=bf16)
     stats = coco_stats(dataset, results)
     console.print(stats_table(stats, f"{weights.name}: COCO bbox ({len(dataset)} images)"))
     out = out or weights.with_name(weights.stem + "_results.json")
@@ -213,7 +220,7 @@ def predict(
     for p in image:
         if not p.is_file():
             fail(f"image {p} not found")
-    model = load_model(find_weights(weights), pick_device(device))
+    model = load_model(find_weights(weights), pick_device(device), bf16=bf16)
     try:
         results = predict_files(model, image, threshold, bf16=bf16)
     except DataError as e:
@@ -284,6 +291,9 @@ def match_debug_cmd(
     from .match_debug import debug_image, draw, render, to_json
 
     path = find_weights(weights)
+    if path.suffix.lower() == ".onnx":
+        fail("match-debug needs the PyTorch model (every decoder layer's outputs): pass the "
+             "checkpoint the ONNX file was exported from")
     model = load_model(path, pick_device(device))
     dataset = eval_dataset(model, path, data, images, builtin_fallback=True)
     if image_id is not None:
@@ -331,6 +341,9 @@ def archs():
         m = method(name)
         table.add_row(name, m.paper, "sigmoid focal" if m.focal else "softmax + no object")
     console.print(table)
+
+
+app.command("export")(export_cmd)
 
 
 def main():
