@@ -362,3 +362,12 @@ def test_cli_eval_of_onnx_equals_pt(trained_run, monkeypatch):
         assert a["score"] == pytest.approx(b["score"], abs=1e-4)
         assert a["bbox"] == pytest.approx(b["bbox"], abs=0.02)
     assert ap["onnx"] == pytest.approx(ap["pt"], abs=0.002)
+
+
+def test_bench_export_plumbing():
+    """The benchmark's plumbing (not its numbers), on a tiny model."""
+    from qdet.bench import bench_export
+
+    row = bench_export("deformable", (64, 64), repeat=1, overrides=TINY["deformable"])
+    assert row["file_mb"] > 0 and row["export_s"] > 0 and row["onnxruntime_s"] > 0
+    assert row["max_rel_diff"] < 1e-4
