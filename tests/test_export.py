@@ -26,6 +26,9 @@ from qdet.registry import build_model
 from conftest import TINY, TINY_SHAPES, random_images
 
 TOL = dict(rtol=1e-4, atol=1e-5)
+# the tests that call torch.onnx.export themselves: its deprecation and tracer notes
+DIRECT_EXPORT = pytest.mark.filterwarnings("ignore::DeprecationWarning",
+                                           "ignore::torch.jit.TracerWarning")
 TRACED = (64, 96)
 SIZES = [(64, 96), (80, 64)]       # the second: other height, width and aspect than traced
 VARIANTS = {
@@ -185,6 +188,7 @@ class Pooler(torch.nn.Module):
         return roi_pool([p2, p3, p4, p5], boxes, 7)
 
 
+@DIRECT_EXPORT
 def test_exported_pooler_assigns_levels_as_pytorch(tmp_path):
     """Boxes at P2, P3 and P4 and none at P5: the traced pooler has no branch on which
     levels are used."""
@@ -216,6 +220,7 @@ class DeformConv(torch.nn.Module):
         return deform_conv2d(x, offset, self.weight, self.bias, padding=1, mask=mask)
 
 
+@DIRECT_EXPORT
 def test_deform_conv2d_exports_as_onnx_deformconv(tmp_path):
     """Offsets of a few pixels in both directions and a modulation mask: the (y, x) offset
     layout and the mask reach ONNX DeformConv as torchvision means them."""
