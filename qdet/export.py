@@ -46,7 +46,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Detector, export_mode, postprocess_batch
+from .base import Detector, export_mode, model_device, postprocess_batch
 
 FORMAT = "qdet-onnx-1"
 DEFAULT_OPSET = 19
@@ -202,8 +202,10 @@ def _example(shape, postprocess: bool, seed: int = 0):
 
 @contextlib.contextmanager
 def _stdout_discarded():
-    """The TorchScript exporter prints the whole graph to stdout (from C++) when an op has
-    no ONNX form; the error raised instead says what matters in one line."""
+    """The TorchScript exporter prints the whole graph to stdout (from C++, its log being
+    always on) when an op has no ONNX form; the error raised instead says what matters in
+    one line. File descriptor 1 points at /dev/null meanwhile, so anything else printed to
+    stdout during the export is lost too (``qdet export`` shows its spinner on stderr)."""
     sys.stdout.flush()
     saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
     try:
@@ -254,6 +256,9 @@ def export(model: Detector, path: str | os.PathLike, opset: int | None = None,
     h, w = (int(v) for v in (size or default_size(model)))
     if h < 32 or w < 32:
         raise ExportError(f"{arch}: example size {h}x{w} is too small; use at least 32x32")
+    if model_device(model).type != "cpu":
+        raise ExportError(f"{arch}: export runs on the CPU; move the model there first "
+                          "(model.cpu())")
     register_symbolics()
     model = model.eval()
     # eval mode on the wrapper too: the exporter restores the wrapper's mode afterwards,
@@ -286,6 +291,9 @@ def export(model: Detector, path: str | os.PathLike, opset: int | None = None,
                     else "no ONNX form of it is known")
             raise ExportError(f"{arch}: the op {op} cannot be exported to ONNX opset {opset} "
                               f"({hint})") from None
+        except (torch.onnx.errors.OnnxExporterError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ExportError(f"{arch}: ONNX export failed: {first}") from e
     export_s = time.perf_counter() - t0
     proto = onnx.load_from_string(buf.getvalue())
     props = {"qdet.format": FORMAT, "qdet.arch": arch, "qdet.focal": json.dumps(model.focal),

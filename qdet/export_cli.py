@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .terminal import console, fail, progress_bar
+from .terminal import console, err, fail
 
 
 def parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -54,15 +54,14 @@ def export_cmd(
         fail(f"weights file {weights} not found")
     hw = parse_size(size)
     report = error = None
-    with progress_bar() as bar:
-        task = bar.add_task("export", total=1, info=f"tracing {weights.name}"
-                            + (" and checking in onnxruntime" if check else ""))
+    # a spinner on stderr: while tracing, stdout is closed to the exporter's graph dumps
+    with err.status(f"exporting {weights.name}: tracing"
+                    + (", then checking in onnxruntime" if check else "")):
         try:
             report = export_weights(weights, out, opset=opset, size=hw, dynamic=dynamic,
                                     postprocess=postprocess, check=check)
-            bar.update(task, advance=1, info="done")
         except (ExportError, CheckpointError, ValueError) as e:
             error = str(e)
     if error is not None:
-        fail(error)          # after the bar has stopped, so that the error is the last line
+        fail(error)          # after the spinner has stopped, so that the error is one line
     console.print(report.summary(), highlight=False, soft_wrap=True)
