@@ -21,8 +21,9 @@ official-checkpoint hooks (``qdet.official``).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +105,42 @@ class MethodSpec:
         return self.model.arch
 
 
+# ------------------------------------------------------------------------- export mode
+
+_export_mode = False
+
+
+def exporting() -> bool:
+    """True while a model is traced for ONNX (``qdet.export``, ``torch.onnx.export``) or
+    inside :func:`export_mode`. Layers then take their traceable formulation: sizes stay
+    tensors (so the graph keeps them dynamic), no branch depends on data or sizes, and ops
+    without an ONNX form (Numba kernels) give way to pure-PyTorch equivalents with the same
+    outputs."""
+    return _export_mode or torch.onnx.is_in_onnx_export()
+
+
+@contextlib.contextmanager
+def export_mode() -> Iterator[None]:
+    """Run models with their export-time formulations (see :func:`exporting`), e.g. to
+    compare them with the ordinary ones in PyTorch."""
+    global _export_mode
+    before, _export_mode = _export_mode, True
+    try:
+        yield
+    finally:
+        _export_mode = before
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its parameters' device (a model run by onnxruntime has no
+    parameters and takes CPU tensors)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
 def batch_images(images: Tensor | Sequence[Tensor], divisor: int = 1) -> tuple[Tensor, Tensor]:
     """Pad images to one tensor and return ``(x [B,3,H,W], mask [B,H,W])``.
 
@@ -116,10 +153,17 @@ def batch_images(images: Tensor | Sequence[Tensor], divisor: int = 1) -> tuple[T
             images = images[None]
         if images.dim() != 4:
             raise ValueError(f"expected images [B,3,H,W], got shape {tuple(images.shape)}")
-        if divisor == 1 or (images.shape[-1] % divisor == 0 and images.shape[-2] % divisor == 0):
-            b, _, h, w = images.shape
+        b, _, h, w = images.shape
+        if divisor == 1 or (not exporting() and h % divisor == 0 and w % divisor == 0):
             return images, torch.zeros(b, h, w, dtype=torch.bool, device=images.device)
-        images = list(images)
+        # pad by amounts computed from the (possibly traced) sizes, without a Python loop;
+        # no negative floor division, which ONNX's integer Div would truncate
+        ph, pw = (h + divisor - 1) // divisor * divisor, (w + divisor - 1) // divisor * divisor
+        x = F.pad(images, (0, pw - w, 0, ph - h))
+        dev = images.device
+        mask = ((torch.arange(ph, device=dev) >= h)[:, None]
+                | (torch.arange(pw, device=dev) >= w)[None, :])
+        return x, mask[None].expand(b, -1, -1)
     if len(images) == 0:
         raise ValueError("expected at least one image")
     h = -(-max(int(im.shape[-2]) for im in images) // divisor) * divisor
@@ -180,17 +224,18 @@ def layer_outputs(logits: Tensor, boxes: Tensor, aux: bool) -> dict:
 
 
 @torch.no_grad()
-def postprocess(outputs: dict, sizes: Tensor, focal: bool, topk: int = 100) -> list[dict]:
-    """Model outputs -> per image ``scores [K]``, ``labels [K]``, ``boxes [K,4]``.
+def postprocess_batch(outputs: dict, sizes: Tensor, focal: bool,
+                      topk: int = 100) -> tuple[Tensor, Tensor, Tensor]:
+    """Model outputs -> ``scores [B,K]``, ``labels [B,K]``, ``boxes [B,K,4]``.
 
     Boxes are absolute (x0, y0, x1, y1) in the frame given by ``sizes [B,2]`` as (h, w),
-    usually the original image size. Softmax models give every query its best real class;
-    focal models keep the ``topk`` best (query, class) pairs, as their papers do.
+    usually the original image size. Softmax models give every query its best real class
+    (K = Q); focal models keep the ``topk`` best (query, class) pairs, as their papers do.
     """
     logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
     if focal:
         prob = logits.sigmoid()
-        b, q, c = prob.shape
+        _, q, c = prob.shape
         scores, idx = prob.flatten(1).topk(min(topk, q * c), dim=1)
         labels = idx % c
         boxes = torch.gather(boxes, 1, (idx // c)[..., None].expand(-1, -1, 4))
@@ -199,4 +244,10 @@ def postprocess(outputs: dict, sizes: Tensor, focal: bool, topk: int = 100) -> l
     h, w = sizes.to(boxes).unbind(1)
     scale = torch.stack([w, h, w, h], 1)[:, None]
     boxes = (box_convert(boxes, "cxcywh", "xyxy").clamp(0, 1) * scale)  # clipped to the image
+    return scores, labels, boxes
+
+
+def postprocess(outputs: dict, sizes: Tensor, focal: bool, topk: int = 100) -> list[dict]:
+    """:func:`postprocess_batch` per image: ``[{scores [K], labels [K], boxes [K,4]}]``."""
+    scores, labels, boxes = postprocess_batch(outputs, sizes, focal, topk)
     return [{"scores": s, "labels": l, "boxes": x} for s, l, x in zip(scores, labels, boxes)]

@@ -134,3 +134,63 @@ def bench_rcda_cmd(
         ("layer", "attention", "ms", "peak MiB", "speed x", "memory x"),
         [(r["layer"], r["attention"], f"{r['seconds'] * 1e3:.1f}", f"{r['peak_mib']:.0f}",
           f"{r['speedup']:.2f}", f"{r['memory_ratio']:.3f}") for r in rows]))
+
+
+@bench_app.command("export")
+def bench_export_cmd(
+    arch: Annotated[Optional[list[str]], typer.Option("--arch", "-a", help="Architecture(s) "
+                                                      "to measure (repeatable); default: "
+                                                      "all.")] = None,
+    size: Annotated[str, typer.Option(help="Input HxW (traced and timed).")] = "800x1066",
+    repeat: Repeat = 3,
+    as_json: AsJson = False,
+):
+    """ONNX export of each method's paper configuration (random weights): export time, file
+    size, and inference at batch 1 in onnxruntime (CPU) against qdet's fast path in float32,
+    in the same process."""
+    from .bench import bench_export, machine_description
+    from .export_cli import parse_size
+
+    h, w = parse_size(size)
+    names = arch or list(ARCHS)
+    for name in names:
+        if name not in ARCHS:
+            fail(f"unknown architecture {name!r}; choose from {', '.join(ARCHS)}")
+    rows = [bench_export(name, (h, w), repeat) for name in names]
+    machine = machine_description("cpu")
+    if as_json:
+        console.print_json(json.dumps({"machine": machine, "rows": rows}))
+        return
+    console.print(rows_table(
+        f"ONNX export at {h}x{w}, batch 1, float32, {machine}",
+        ("arch", "export s", "file MB", "fast path ms", "onnxruntime ms", "ort x",
+         "max rel diff", "noise"),
+        [(r["arch"], f"{r['export_s']:.1f}", f"{r['file_mb']:.0f}", f"{r['fast_s'] * 1e3:.0f}",
+          f"{r['onnxruntime_s'] * 1e3:.0f}", f"{r['speedup']:.2f}", f"{r['max_rel_diff']:.1e}",
+          f"{r['noise_rel_diff']:.1e}") for r in rows]))
+    console.print("ort x: the fast path's time over onnxruntime's (above 1: onnxruntime is "
+                  "faster); max rel diff: onnxruntime against PyTorch, |a - b| / max(|b|, "
+                  "0.1); noise: the same for PyTorch against itself on the input times 1 + "
+                  "1e-6 noise (random paper weights can be ill-conditioned)")
+
+
+@bench_app.command("deform-attn-onnx")
+def bench_deform_attn_onnx_cmd(repeat: Repeat = 5, as_json: AsJson = False):
+    """Deformable attention in onnxruntime at Deformable DETR's 800x1066 shapes: the
+    grid_sample formulations (levels stacked, levels summed: the one qdet exports) against a
+    gather formulation, with qdet's Numba kernel in PyTorch for scale."""
+    from .bench import bench_deform_attn_onnx, machine_description
+
+    rows = bench_deform_attn_onnx(repeat)
+    machine = machine_description("cpu")
+    if as_json:
+        console.print_json(json.dumps({"machine": machine, "rows": rows}))
+        return
+    console.print(rows_table(
+        f"deformable attention in onnxruntime, {machine} (batch 1, 8 heads x 32, 4 levels "
+        "from 100x134, 4 points, float32)",
+        ("shape", "formulation", "ms", "x", "max abs diff"),
+        [(f"{r['shape']} ({r['queries']} q)", r["formulation"], f"{r['seconds'] * 1e3:.1f}",
+          f"{r['speedup']:.2f}", f"{r['max_abs_diff']:.1e}") for r in rows]))
+    console.print("*: the formulation qdet exports; x: its time over this row's (above 1: "
+                  "this row is faster)")

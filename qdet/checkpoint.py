@@ -209,7 +209,14 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu", fast: bo
     ``fast=True`` returns the inference fast path (``qdet.fast``): same outputs, faster;
     with ``compile=True`` its transformer is also compiled (torch.compile), which pays only
     when input sizes repeat: every new size compiles again.
+
+    A ``.onnx`` file written by ``qdet export`` loads as a ``qdet.export.OnnxDetector``
+    (onnxruntime; ``fast`` and ``compile`` do not apply).
     """
+    if str(source).lower().endswith(".onnx"):
+        from .export import OnnxDetector
+
+        return OnnxDetector(source, device)
     model = model_from_source(source).to(device).eval()
     if fast:
         from .fast import optimize_for_inference

@@ -12,6 +12,7 @@ from rich.table import Table
 from .bench_cli import bench_app
 from .explain_cli import explain_cmd
 from .plot_cli import plot
+from .export_cli import export_cmd
 from .registry import ARCHS
 from .terminal import Device, console, err, fail, pick_device
 from .zoo_cli import zoo
@@ -67,9 +68,13 @@ def find_weights(weights: Optional[str]) -> Path:
     return run / "best.pt"
 
 
-def load_model(weights: Path, device: str, fast: bool = True, compile: bool = False):
+def load_model(weights: Path, device: str, fast: bool = True, compile: bool = False,
+               bf16: bool = False):
     from .checkpoint import CheckpointError, load
 
+    if weights.suffix.lower() == ".onnx" and (compile or bf16):
+        fail(f"{'--compile' if compile else '--bf16'} does not apply to an ONNX file: "
+             "onnxruntime runs it in float32 as exported")
     try:
         return load(weights, device=device, fast=fast, compile=compile)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
@@ -91,7 +96,10 @@ def eval_dataset(model, weights: Path, data: Optional[Path], images: Optional[Pa
             if images is None:
                 fail("--data needs --images (the folder its file_name fields are in)")
             return CocoDataset(data, images, aug, train=False)
-        ckpt = {} if weights.is_dir() else read_checkpoint(weights)
+        if weights.suffix.lower() == ".onnx":
+            ckpt = model.checkpoint_info
+        else:
+            ckpt = {} if weights.is_dir() else read_checkpoint(weights)
         shapes_cfg = ckpt.get("train", {}).get("shapes")
         if ckpt.get("data", {}).get("kind") != "shapes" and not builtin_fallback:
             fail("this checkpoint was not trained on built-in data: pass --data ANN.json "
@@ -216,15 +224,16 @@ def eval_(
     """COCO bbox metrics (AP, AP50, AP75, APs/m/l, AR@100) of a checkpoint on a dataset,
     and per class; writes the results JSON and beside it per_class.csv, confusion.png
     (IoU 0.5, with background) and pr.png."""
+    from .base import model_device
     from .eval_report import show_report, write_report
     from .evaluation import coco_eval, predict_dataset, stats_of
     from .terminal import stats_table
 
     path = find_weights(weights)
-    model = load_model(path, pick_device(device), compile=compile)
+    model = load_model(path, pick_device(device), compile=compile, bf16=bf16)
     dataset = eval_dataset(model, path, data, images, builtin_fallback=False)
-    results = predict_dataset(model, dataset, next(model.parameters()).device, batch_size,
-                              workers, bf16=bf16)
+    results = predict_dataset(model, dataset, model_device(model), batch_size, workers,
+                              bf16=bf16)
     ev = coco_eval(dataset, results)
     console.print(stats_table(stats_of(ev), f"{path.name}: COCO bbox ({len(dataset)} images)"))
     if out is None:  # beside a file the user named; a zoo or Hub model's in this folder
@@ -257,7 +266,7 @@ def predict(
     for p in image:
         if not p.is_file():
             fail(f"image {p} not found")
-    model = load_model(find_weights(weights), pick_device(device))
+    model = load_model(find_weights(weights), pick_device(device), bf16=bf16)
     try:
         results = predict_files(model, image, threshold, bf16=bf16)
     except DataError as e:
@@ -331,6 +340,9 @@ def match_debug_cmd(
     from .match_debug import debug_image, draw, render, to_json
 
     path = find_weights(weights)
+    if path.suffix.lower() == ".onnx":
+        fail("match-debug needs the PyTorch model (every decoder layer's outputs): pass the "
+             "checkpoint the ONNX file was exported from")
     model = load_model(path, pick_device(device))
     dataset = eval_dataset(model, path, data, images, builtin_fallback=True)
     if image_id is not None:
@@ -384,6 +396,7 @@ def archs():
 
 
 app.command()(plot)
+app.command("export")(export_cmd)
 
 
 def main():

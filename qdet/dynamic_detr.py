@@ -43,7 +43,7 @@ from torchvision.ops import DeformConv2d, FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from .backbone import Backbone
-from .base import Detector, LossConfig, MethodSpec, focal_loss_config
+from .base import Detector, LossConfig, MethodSpec, exporting, focal_loss_config
 from .dynamic_head import DynamicHead, decode_proposals, learned_proposals, pad_for_pyramid
 
 
@@ -121,7 +121,7 @@ class EncoderBlock(nn.Module):
                 sources.append((2, feats[lvl + 1]))
             terms = []
             for role, src in sources:
-                if src.shape[-2:] != x.shape[-2:]:
+                if exporting() or src.shape[-2:] != x.shape[-2:]:  # same size: identity
                     src = F.interpolate(src, size=x.shape[-2:], mode="bilinear",
                                         align_corners=False)
                 t = self.norm[role](self.deform(role, src, offset, mask))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, roi_align
 
-from .base import batch_images, layer_outputs
+from .base import batch_images, exporting, layer_outputs
 
 
 def roi_levels(boxes: Tensor, first_level: int, num_levels: int) -> Tensor:
@@ -40,23 +40,37 @@ def roi_levels(boxes: Tensor, first_level: int, num_levels: int) -> Tensor:
     return torch.floor(4 + torch.log2(size / 224 + 1e-8)).clamp(first_level, last).long()
 
 
-def roi_pool(features: list[Tensor], boxes: list[Tensor], resolution: int,
+def roi_pool(features: list[Tensor], boxes: list[Tensor] | Tensor, resolution: int,
              first_level: int = 2) -> Tensor:
-    """RoIAlign of absolute xyxy boxes from a pyramid whose first map has stride
-    2**first_level (P2..P5 here), each box from the level its size assigns (detectron2's
-    rule: floor(4 + log2(size / 224)), clamped to the pyramid). Returns
-    ``[sum(boxes), C, r, r]``."""
-    rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1)
-                      for i, b in enumerate(boxes)])
+    """RoIAlign of absolute xyxy boxes (one ``[P_i,4]`` per image, or ``[N,P,4]``) from a
+    pyramid whose first map has stride 2**first_level (P2..P5 here), each box from the level
+    its size assigns (``roi_levels``). Returns ``[sum(boxes), C, r, r]``."""
+    if isinstance(boxes, Tensor):  # the image index of every box, without a loop over images
+        n, p, _ = boxes.shape
+        idx = torch.arange(n, dtype=boxes.dtype, device=boxes.device)[:, None, None]
+        rois = torch.cat([idx.expand(n, p, 1), boxes], -1).flatten(0, 1)
+    else:
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1)
+                          for i, b in enumerate(boxes)])
     level = roi_levels(rois[:, 1:], first_level, len(features))
-    out = rois.new_zeros(len(rois), features[0].shape[1], resolution, resolution)
+    out = rois.new_zeros(rois.shape[0], features[0].shape[1], resolution, resolution)
     for i, feat in enumerate(features):
-        idx = torch.nonzero(level == first_level + i).squeeze(1)
+        lvl = first_level + i
+        if exporting():
+            # no shape that depends on the data (ONNX's scatter fails on an empty level):
+            # every box pooled at every level, each keeping its own level's (the same values)
+            pooled = _align(feat, rois, resolution, lvl).to(out.dtype)
+            out = torch.where((level == lvl)[:, None, None, None], pooled, out)
+            continue
+        idx = torch.nonzero(level == lvl).squeeze(1)
         if idx.numel():
-            out[idx] = roi_align(feat, rois[idx], resolution,
-                                 spatial_scale=1 / 2 ** (first_level + i), sampling_ratio=2,
-                                 aligned=True).to(out.dtype)
+            out[idx] = _align(feat, rois[idx], resolution, lvl).to(out.dtype)
     return out
+
+
+def _align(feat: Tensor, rois: Tensor, resolution: int, level: int) -> Tensor:
+    return roi_align(feat, rois, resolution, spatial_scale=1 / 2 ** level, sampling_ratio=2,
+                     aligned=True)
 
 
 class DynamicConv(nn.Module):
@@ -125,7 +139,7 @@ class RCNNHead(nn.Module):
     def forward(self, features, boxes: Tensor, query: Tensor):
         """boxes ``[N,P,4]`` absolute xyxy, query ``[N,P,d]`` -> logits, boxes, query."""
         n, p, d = query.shape
-        roi = roi_pool(features, list(boxes), self.resolution, self.first_level)  # [N*P,d,r,r]
+        roi = roi_pool(features, boxes, self.resolution, self.first_level)        # [N*P,d,r,r]
         roi = roi.flatten(2).transpose(1, 2)                                    # [N*P,r*r,d]
         query = self.norm1(query + self.dropout1(self.self_attn(query, query, query,
                                                                 need_weights=False)[0]))
@@ -180,9 +194,14 @@ def pad_for_pyramid(images) -> tuple[Tensor, Tensor, Tensor]:
     """Images padded to a multiple of 32 (as detectron2 does, so pyramid levels align
     exactly), their mask, and each image's (w, h, w, h)."""
     if isinstance(images, Tensor) and images.dim() == 4:
-        images = list(images)
-    sizes = torch.tensor([[im.shape[-1], im.shape[-2]] * 2 for im in images],
-                         dtype=torch.float32, device=images[0].device)
+        # one size for the batch, from its (possibly traced) shape: no loop over images
+        b, _, h, w = images.shape
+        wh = torch.stack([torch.as_tensor(w), torch.as_tensor(h)]).to(images.device,
+                                                                       torch.float32)
+        sizes = wh.repeat(2)[None].expand(b, 4)
+    else:
+        sizes = torch.tensor([[im.shape[-1], im.shape[-2]] * 2 for im in images],
+                             dtype=torch.float32, device=images[0].device)
     x, mask = batch_images(images, divisor=32)
     return x, mask, sizes
 
@@ -197,7 +216,7 @@ def decode_proposals(head: DynamicHead, proposal_features: Tensor, proposal_boxe
     features = [f.contiguous() for f in features]
     init = box_convert(proposal_boxes, "cxcywh", "xyxy")
     boxes = init[None] * sizes[:, None]                                         # absolute
-    query = proposal_features[None].expand(len(sizes), -1, -1)
+    query = proposal_features[None].expand(sizes.shape[0], -1, -1)
     logits, boxes = head(features, boxes, query)
     boxes = box_convert(boxes / sizes[None, :, None], "xyxy", "cxcywh")
     return layer_outputs(logits, boxes, aux)

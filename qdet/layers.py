@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import Backbone
-from .base import batch_images, box_from_reference, resize_mask
+from .base import batch_images, box_from_reference, exporting, resize_mask
 from .deform_attn import MSDeformAttn
 from .position_encoding import sine_position_embedding
 
@@ -114,7 +114,9 @@ def flatten_levels(srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor],
                    level_embed: Tensor):
     """Concatenate the levels into one sequence: ``(src [B,S,d], pad [B,S], pos [B,S,d]`` with
     each level's embedding added``, shapes [(H_l, W_l)], valid ratios [B,L,2])``."""
-    shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
+    shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]   # traced sizes while exporting
+    if not exporting():  # Python ints, on which torch.compile specializes
+        shapes = [(int(h), int(w)) for h, w in shapes]
     src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
     pad = torch.cat([m.flatten(1) for m in masks], 1)
     pos = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[i] for i, p in enumerate(pos)], 1)

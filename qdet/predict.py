@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .base import Detector, postprocess
+from .base import Detector, model_device, postprocess
 from .data import eval_transform, load_image
 
 
@@ -15,7 +15,7 @@ from .data import eval_transform, load_image
 def detect(model: Detector, images: list[Image.Image], threshold: float = 0.5,
            batch_size: int = 4, bf16: bool = False) -> list[list[dict]]:
     """Detections above ``threshold`` for PIL images, in their own pixel coordinates."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     size, max_size = model.preprocess["size"], model.preprocess["max_size"]
     results = []
     for i in range(0, len(images), batch_size):
