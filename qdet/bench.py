@@ -373,7 +373,7 @@ def bench_export(arch: str, size: tuple[int, int] = (800, 1066), repeat: int = 3
     import tempfile
     from pathlib import Path
 
-    from .export import export, max_diffs
+    from .onnx_export import export, max_diffs
     from .fast import optimize_for_inference
     from .registry import build_model
 

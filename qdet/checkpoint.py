@@ -15,10 +15,12 @@ and for resuming ``optimizer``, ``scheduler``, ``train``.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -31,7 +33,8 @@ SAFE_TYPES = [argparse.Namespace]
 
 
 class CheckpointError(ValueError):
-    pass
+    """A checkpoint that cannot be read (corrupt, truncated, unknown format, disallowed type)
+    or written (the disk is full); the message names the file and what to do."""
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
@@ -39,6 +42,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format: a zip archive
+    if size == 0 or (zipped and not zipfile.is_zipfile(path)):
+        raise CheckpointError(f"{path}: truncated ({size:,} bytes, and a checkpoint ends with "
+                              "a zip directory this file lacks): the download or copy did not "
+                              "finish; fetch or copy it again")
     try:
         with torch.serialization.safe_globals(SAFE_TYPES):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -53,25 +63,43 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             "checkpoints with weights_only=True and allows only tensors, plain Python values "
             "and argparse.Namespace; re-save the file with only its state dict "
             "(torch.save({'model': model.state_dict()}, ...)) if you trust it") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = " ".join(str(e).split(". ")[0].split())[:160]  # torch's first sentence
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
 
 
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous file intact."""
+    """Write atomically: the file is written under a temporary name beside ``path``, then
+    renamed over it, so a crash or a full disk mid-write leaves the previous file intact (a
+    ``kill -9`` may leave the temporary ``NAME.*.tmp``, which the next run removes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:  # a file object: a full disk is an OSError (ENOSPC)
+            torch.save(obj, f)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"the disk is full: no space left on {path.parent} to write {path.name}"
+                f"{' (the previous one is intact)' if path.exists() else ''}; free some space"
+                ) from None
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed ``save_checkpoint`` left in ``folder``."""
+    stale = [p for p in Path(folder).glob("*.pt.*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return stale
 
 
 def model_checkpoint(model: Detector, **extra) -> dict:
@@ -100,7 +128,19 @@ def _upgrade_config(arch: str, config: dict, source: str) -> dict:
 
 def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> Detector:
     """Build the model a checkpoint dict describes (qdet or official layout)."""
-    if ckpt.get("format") == FORMAT:
+    fmt = ckpt.get("format")
+    if fmt is not None and fmt != FORMAT:
+        newer = isinstance(fmt, str) and fmt.startswith("qdet-")
+        raise CheckpointError(
+            f"{source}: checkpoint format {fmt!r}, which this qdet does not read (it reads "
+            f"{FORMAT!r} and official releases)"
+            + ("; it was written by a newer qdet: upgrade qdet to load it" if newer else ""))
+    if fmt == FORMAT:
+        missing = [k for k in ("arch", "config", "model", "class_names", "category_ids")
+                   if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{source}: a {FORMAT} checkpoint without {missing}; it "
+                                  "was not written by qdet train, or was edited")
         m = method(ckpt["arch"])
         model = m.model(config_from_dict(
             m.config, _upgrade_config(ckpt["arch"], ckpt["config"], source)))
@@ -210,11 +250,11 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu", fast: bo
     with ``compile=True`` its transformer is also compiled (torch.compile), which pays only
     when input sizes repeat: every new size compiles again.
 
-    A ``.onnx`` file written by ``qdet export`` loads as a ``qdet.export.OnnxDetector``
+    A ``.onnx`` file written by ``qdet export`` loads as a ``qdet.onnx_export.OnnxDetector``
     (onnxruntime; ``fast`` and ``compile`` do not apply).
     """
     if str(source).lower().endswith(".onnx"):
-        from .export import OnnxDetector
+        from .onnx_export import OnnxDetector
 
         return OnnxDetector(source, device)
     model = model_from_source(source).to(device).eval()

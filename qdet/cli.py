@@ -1,13 +1,19 @@
 """The ``qdet`` command line: thin Typer commands over the Python API."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .bench_cli import bench_app
 from .explain_cli import explain_cmd
@@ -45,14 +51,36 @@ def parse_sets(items: list[str] | None) -> tuple[dict, dict]:
     return model, train
 
 
-WEIGHTS_HELP = ("a checkpoint file, a Hugging Face model folder, a zoo name (`qdet zoo`) or "
-                "hf:owner/name")
+@contextlib.contextmanager
+def say_why_on_sigterm():
+    """Under torchrun, which SIGTERMs every process once one has failed: say so instead of
+    vanishing, while this one is still starting (importing torch, checking data; the
+    training loop then names the checkpoint to resume from: ``faults.stopping_clearly``),
+    and once this one has said why it stops, let it exit with its own code."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    if int(world) <= 1:
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        fail(f"rank {rank} of {world}: stopped by SIGTERM, which torchrun sends to every "
+             "process once one has failed; nothing was trained yet", every_rank=True)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+WEIGHTS_HELP = ("a checkpoint file, a Hugging Face model folder, a zoo name (`qdet zoo`), "
+                "hf:owner/name, or a .onnx file from `qdet export`")
 
 
 def find_weights(weights: Optional[str]) -> Path:
     """The local file or folder of ``--weights`` (downloading a zoo or Hub model once), else
-    best.pt of the most recent run."""
-    from .runs import latest_run
+    the checkpoint of the most recent run under ./runs (``best.pt``, else ``last.pt``)."""
+    from .runs import latest_run, run_checkpoint
     from .zoo import ZooError, resolve
 
     if weights is not None:
@@ -61,11 +89,22 @@ def find_weights(weights: Optional[str]) -> Path:
         except (ZooError, FileNotFoundError) as e:
             fail(str(e))
     run = latest_run()
-    if run is None or not (run / "best.pt").is_file():
-        fail("no --weights given and no run found under ./runs: train one with "
-             "`qdet train` or pass --weights (" + WEIGHTS_HELP + ")")
-    err.print(f"using {run / 'best.pt'} (best checkpoint of the most recent run)")
-    return run / "best.pt"
+    if run is None:
+        fail("no --weights given and no run found under ./runs (no runs/*/best.pt or "
+             "last.pt): train one with `qdet train` or pass --weights (" + WEIGHTS_HELP + ")")
+    path = run_checkpoint(run)
+    kind = "best" if path.name == "best.pt" else "last"
+    err.print(Text(f"using {path} ({kind} checkpoint of the most recent run)"), soft_wrap=True)
+    return path
+
+
+def results_path(weights: Path) -> Path:
+    """Where ``qdet eval`` writes results by default: beside the weights in their run folder,
+    else in the current folder (never beside a downloaded or shared file)."""
+    from .runs import is_run
+
+    name = f"{weights.stem}_results.json"
+    return weights.parent / name if is_run(weights.parent) else Path(name)
 
 
 def load_model(weights: Path, device: str, fast: bool = True, compile: bool = False,
@@ -114,6 +153,7 @@ Arch = Annotated[Optional[str], typer.Option(
 
 
 @app.command()
+@say_why_on_sigterm()
 def train(
     arch: Arch = None,
     data: Annotated[Optional[Path], typer.Option(help="COCO-format training annotations "
@@ -167,6 +207,7 @@ def train(
     (about 10 minutes on a 2-core CPU). With --weights: fine-tune a pretrained detector to
     the data's classes. Multi-process: torchrun --nproc_per_node N -m qdet train ..."""
     from .data import DataError
+    from .faults import TrainingStopped
     from .runs import fit
 
     model_o, train_o = parse_sets(set_)
@@ -193,9 +234,16 @@ def train(
                      model_overrides=model_o, train_overrides=train_o,
                      backbone_weights=backbone_weights and str(backbone_weights),
                      weights=weights, freeze_backbone=freeze_backbone)
+    except TrainingStopped as e:  # part-way: under torchrun perhaps on this rank alone
+        fail(str(e), every_rank=True)
     except (DataError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
         fail(str(e))
-    console.print(f"run saved in {result['out']} (best.pt, last.pt, metrics.jsonl, "
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        fail(f"the disk is full: {e.strerror} writing {e.filename or 'the run'}; free some "
+             "space and continue with --resume")
+    console.print(f"run saved in {escape(result['out'])} (best.pt, last.pt, metrics.jsonl, "
                   "results.csv, curves.png)")
 
 
@@ -208,8 +256,10 @@ def eval_(
     images: Annotated[Optional[Path], typer.Option(help="Folder of the images.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 4,
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 2,
-    out: Annotated[Optional[Path], typer.Option(help="Where to write the COCO results "
-                                                "JSON.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the COCO results JSON; "
+                                                "default: WEIGHTS-stem_results.json in the "
+                                                "run folder when WEIGHTS belong to a run, "
+                                                "else in the current folder.")] = None,
     device: Device = None,
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (faster on CPUs "
                                        "with AVX-512 BF16 and on GPUs).")] = False,
@@ -223,32 +273,42 @@ def eval_(
 ):
     """COCO bbox metrics (AP, AP50, AP75, APs/m/l, AR@100) of a checkpoint on a dataset,
     and per class; writes the results JSON and beside it per_class.csv, confusion.png
-    (IoU 0.5, with background) and pr.png."""
+    (IoU 0.5, with background) and pr.png. A model whose classes differ from the data's is
+    evaluated on the classes whose names match (and says so)."""
     from .base import model_device
+    from .data import DataError
     from .eval_report import show_report, write_report
-    from .evaluation import coco_eval, predict_dataset, stats_of
+    from .evaluation import coco_eval, match_classes, predict_dataset, stats_of
     from .terminal import stats_table
 
     path = find_weights(weights)
     model = load_model(path, pick_device(device), compile=compile, bf16=bf16)
     dataset = eval_dataset(model, path, data, images, builtin_fallback=False)
-    results = predict_dataset(model, dataset, model_device(model), batch_size, workers,
-                              bf16=bf16)
-    ev = coco_eval(dataset, results)
+    try:
+        classes = match_classes(model, dataset)
+    except ValueError as e:
+        fail(f"{weights}: {e}")
+    if classes.note:
+        err.print(Text(f"note: {classes.note}"), soft_wrap=True)
+    try:
+        results = predict_dataset(model, dataset, model_device(model), batch_size, workers,
+                                  bf16=bf16)
+    except DataError as e:  # an image whose pixels are cut short
+        fail(str(e))
+    ev = coco_eval(dataset, results, classes.cat_ids)
     console.print(stats_table(stats_of(ev), f"{path.name}: COCO bbox ({len(dataset)} images)"))
-    if out is None:  # beside a file the user named; a zoo or Hub model's in this folder
-        given = Path(weights)
-        out = (given.with_name(given.stem + "_results.json") if given.is_file()
-               else Path(given.name + "_results.json"))
+    out = out or results_path(path)
     out.write_text(json.dumps(results))
-    console.print(f"{len(results)} detections written to {out}")
+    console.print(f"{len(results)} detections written to {escape(str(out))}")
     show_report(write_report(dataset, results, out.parent, threshold, ev=ev,
                              weights=str(weights)), path.name)
 
 
 @app.command()
 def predict(
-    image: Annotated[list[Path], typer.Argument(help="Image file(s).")],
+    image: Annotated[list[str], typer.Argument(
+        help="Image files, folders (searched recursively; files that are not images are "
+             "skipped and counted) or quoted glob patterns (\"shots/**/*.jpg\").")],
     weights: Annotated[Optional[str], typer.Option(help="Weights: " + WEIGHTS_HELP + "; "
                                                    "default: best.pt of the most recent run "
                                                    "under ./runs.")] = None,
@@ -258,26 +318,39 @@ def predict(
     device: Device = None,
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast.")] = False,
 ):
-    """Detect objects in images: draws boxes, prints a table, writes JSON."""
+    """Detect objects in images: draws boxes, prints a table, writes JSON. An image that
+    cannot be read (or is over PIL's 89.5-million-pixel limit) is reported and skipped;
+    the others are still done, and the exit code is then 1."""
     from .data import DataError, load_image
-    from .predict import draw_detections, predict_files
+    from .predict import draw_detections, find_images, output_names, predict_files
     from .terminal import detections_table, print_table
 
-    for p in image:
-        if not p.is_file():
-            fail(f"image {p} not found")
-    model = load_model(find_weights(weights), pick_device(device), bf16=bf16)
     try:
-        results = predict_files(model, image, threshold, bf16=bf16)
+        files, skipped = find_images(image)
     except DataError as e:
         fail(str(e))
+    for folder, n in skipped.items():
+        err.print(Text(f"skipped {n} file(s) in {folder} that are not images"), soft_wrap=True)
+    model = load_model(find_weights(weights), pick_device(device), bf16=bf16)
+    failed = []
+
+    def unreadable(path: Path, message: str):
+        failed.append(path)
+        err.print(Text("error: ", style="bold red") + Text(f"{message}; skipped"),
+                  soft_wrap=True)
+
+    results = predict_files(model, files, threshold, bf16=bf16, on_error=unreadable)
+    saved_as = output_names([Path(r["image"]) for r in results])
     out.mkdir(parents=True, exist_ok=True)
     for r in results:
         path = Path(r["image"])
-        draw_detections(load_image(path), r["detections"]).save(out / f"{path.stem}_pred.png")
+        draw_detections(load_image(path), r["detections"]).save(out / saved_as[path])
     print_table(console, f"detections (score >= {threshold})", detections_table(results))
     (out / "predictions.json").write_text(json.dumps(results, indent=1))
-    console.print(f"drawn images and predictions.json in {out}/")
+    console.print(f"drawn images and predictions.json in {escape(str(out))}/")
+    if failed:
+        fail(f"{len(failed)} of {len(files)} images could not be read (above); the other "
+             f"{len(results)} are done")
 
 
 @data_app.command("shapes")
@@ -314,6 +387,26 @@ def data_shapes(
                   f"--val-data {written['val']} --val-images {out / 'val'}")
 
 
+@data_app.command("check")
+def data_check(
+    ann: Annotated[Path, typer.Argument(help="COCO-format annotations (JSON).")],
+    images: Annotated[Path, typer.Option(help="Folder of the images its file_name fields "
+                                         "are in.")],
+):
+    """Check a COCO-format dataset as `qdet train` does before it trains: the JSON, every
+    entry's fields and types, ids, boxes, and every image file's header."""
+    from .data import DataError, validate_coco
+
+    try:
+        data = validate_coco(ann, images)
+    except DataError as e:
+        fail(str(e))
+    crowd = sum(a["iscrowd"] for a in data["annotations"])
+    console.print(Text(f"{ann}: {len(data['images'])} images, {len(data['annotations'])} "
+                       f"boxes ({crowd} crowd) of {len(data['categories'])} categories: ok"),
+                  soft_wrap=True)
+
+
 @app.command("match-debug")
 def match_debug_cmd(
     weights: Annotated[Optional[str], typer.Option(help="Weights: " + WEIGHTS_HELP + "; "
@@ -337,6 +430,7 @@ def match_debug_cmd(
     and how often it changes; likely duplicate predictions."""
     import torch
 
+    from .data import DataError
     from .match_debug import debug_image, draw, render, to_json
 
     path = find_weights(weights)
@@ -353,7 +447,10 @@ def match_debug_cmd(
         index = ids.index(image_id)
     if not 0 <= index < len(dataset):
         fail(f"--index {index} is out of range: the dataset has {len(dataset)} images")
-    x, target = dataset[index]
+    try:
+        x, target = dataset[index]
+    except DataError as e:
+        fail(str(e))
     label_of = {cid: i for i, cid in enumerate(model.category_ids)}
     keep = [i for i, l in enumerate(target["labels"].tolist())
             if dataset.category_ids[l] in label_of]
@@ -364,7 +461,10 @@ def match_debug_cmd(
                           dtype=torch.long)
     dev = next(model.parameters()).device
     tgt = {"labels": labels.to(dev), "boxes": target["boxes"][keep].to(dev)}
-    result = debug_image(model, x.to(dev), tgt, threshold)
+    try:
+        result = debug_image(model, x.to(dev), tgt, threshold)
+    except FloatingPointError as e:
+        fail(f"{path}: {e}")
     names = model.class_names
     if as_json:
         print(json.dumps({"image_id": target["image_id"], "weights": str(path),
@@ -397,6 +497,17 @@ def archs():
 
 app.command()(plot)
 app.command("export")(export_cmd)
+
+
+@app.callback()
+def _setup():
+    """Warnings (a dropped box, a left-out class) print as one line, like errors."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err.print(Text("warning: ", style="yellow") + Text(str(message)), soft_wrap=True)
+
+    warnings.showwarning = show
 
 
 def main():

@@ -58,10 +58,13 @@ class SetCriterion(nn.Module):
         return {k + suffix: v for k, v in losses.items()}
 
     def single(self, outputs: dict, targets: list[dict], num_boxes: float,
-               indices=None) -> dict[str, Tensor]:
+               indices=None, part: str = "the last decoder layer") -> dict[str, Tensor]:
         """Loss terms of one output dict (final layer, one aux layer, or the encoder)."""
         if indices is None:
-            indices = self.matcher(outputs, targets)
+            try:
+                indices = self.matcher(outputs, targets)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{e} ({part})") from None
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
@@ -89,11 +92,13 @@ class SetCriterion(nn.Module):
         num_boxes = num_boxes_across_workers(targets, outputs["pred_logits"].device)
         losses = self.single(outputs, targets, num_boxes)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self._suffixed(self.single(aux, targets, num_boxes), f"_{i}"))
+            losses.update(self._suffixed(self.single(aux, targets, num_boxes,
+                                                     part=f"decoder layer {i + 1}"), f"_{i}"))
         if "enc_outputs" in outputs:
             enc_targets = targets
             if self.cfg.enc_class_agnostic:
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            enc = self.single(outputs["enc_outputs"], enc_targets, num_boxes)
+            enc = self.single(outputs["enc_outputs"], enc_targets, num_boxes,
+                              part="the encoder proposals")
             losses.update(self._suffixed(enc, "_enc"))
         return losses

@@ -105,7 +105,10 @@ class EncoderBlock(nn.Module):
 
     def deform(self, role: int, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
         """torchvision's deformable convolution, in float32 under autocast (its CPU kernel
-        has no bfloat16 version)."""
+        has no bfloat16 version). NaN offsets (a diverged run) become 0: torchvision's kernel
+        turns a NaN position into an out-of-bounds index and crashes the process, where the
+        training loop would stop with a message."""
+        offset = torch.where(torch.isnan(offset), 0.0, offset)
         with torch.autocast(x.device.type, enabled=False):
             return self.dcn[role](x.float(), offset.float(), mask.float())
 

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from . import budget
 from .base import Detector
 from .budget import PassIndexed, StreamSampler, TimeConfig
-from .checkpoint import model_checkpoint, save_checkpoint
+from .checkpoint import model_checkpoint, remove_stale_temporaries, save_checkpoint
 from .criterion import SetCriterion
-from .data import AugmentConfig, DetectionDataset, collate
+from .data import AugmentConfig, DataError, DetectionDataset, collate
 from .evaluation import evaluate, predict_dataset
 from .run_log import RunLog, restore_rows, write_atomic
 from .shapes import ShapesConfig
@@ -254,13 +254,21 @@ def train_step(net, opt: Optimization, images, targets, cfg: TrainConfig, bf16: 
     weighted total (``loss_enc``) where there is one."""
     with torch.autocast(images[0].device.type, dtype=torch.bfloat16, enabled=bf16):
         outputs = net(images)
-    losses = opt.criterion(outputs, targets)  # in float32
+    lr = opt.optimizer.param_groups[0]["lr"]
+    try:
+        losses = opt.criterion(outputs, targets)  # in float32
+    except FloatingPointError as e:  # the matcher's costs are not finite
+        raise FloatingPointError(f"training stopped at {where}: {e}; lower --lr (this "
+                                 f"step's: {lr:.3g}) or check the data") from None
     loss = opt.criterion.weighted(losses)
     if not torch.isfinite(loss):
+        values = {k: v.item() for k, v in losses.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
         raise FloatingPointError(
-            f"loss is {loss.item()} at {where}: "
-            f"{ {k: round(v.item(), 4) for k, v in losses.items()} }; lower --lr or check "
-            "the data")
+            f"training stopped at {where}: loss is {loss.item()} (not finite: "
+            f"{', '.join(bad) or 'the weighted sum'}; terms: "
+            f"{ {k: round(v, 4) for k, v in values.items()} }); lower --lr (this step's: "
+            f"{lr:.3g}) or check the data")
     opt.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip_max_norm > 0:
@@ -276,7 +284,7 @@ def train_step(net, opt: Optimization, images, targets, cfg: TrainConfig, bf16: 
 
 def train_one_epoch(net, model: Detector, opt: Optimization, loader: DataLoader, steps: int,
                     cfg: TrainConfig, device: torch.device, bf16: bool, epoch: int,
-                    title: str, out: Path, show: bool, log: RunLog | None = None,
+                    title: str, show: bool, log: RunLog | None = None,
                     on_step: Callable[[int], int | None] | None = None) -> dict:
     """``steps`` steps of ``loader`` with a progress bar; returns their mean losses, lr,
     steps and seconds. ``on_step(done)`` may return a new number of steps (a timed run's
@@ -289,23 +297,19 @@ def train_one_epoch(net, model: Detector, opt: Optimization, loader: DataLoader,
         task = bar.add_task(title, total=steps, info="")
         for images, targets in loader:
             images, targets = to_device(images, targets, device)
-            try:
-                logged = train_step(net, opt, images, targets, cfg, bf16,
-                                    f"epoch {epoch + 1}, step {n}", model.parameters())
-            except FloatingPointError as e:
-                raise FloatingPointError(f"{e}. The last good checkpoint is {out / 'last.pt'}"
-                                         ) from None
+            lr = opt.optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves on)
+            logged = train_step(net, opt, images, targets, cfg, bf16,
+                                f"epoch {epoch + 1}, step {n}", model.parameters())
             values = torch.stack([v.detach() for v in logged.values()]).tolist()  # 1 sync
             for k, v in zip(logged, values):
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
-            lr = opt.optimizer.param_groups[0]["lr"]
             if log is not None:
                 log.add_step(opt.scheduler.last_epoch, values[0], lr)
             if on_step is not None:
                 steps = on_step(n) or steps
             bar.update(task, advance=1, total=steps, info=f"loss {sums['loss'] / n:.3f} "
-                       f"lr {lr:.2e} {n / max(time.time() - t0, 1e-9):.2f} it/s")
+                       f"lr {lr:.3g} {n / max(time.time() - t0, 1e-9):.2f} it/s")
             if n >= steps:
                 break
     return {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
@@ -376,9 +380,16 @@ def record_plan(out: Path, cfg: TrainConfig) -> None:
 
 def save_epoch(model: Detector, opt: Optimization, state: RunState, cfg: TrainConfig,
                data_spec: dict, metrics: dict, out: Path, evaluated: bool) -> bool:
-    """Rank 0 after an epoch: ``last.pt`` (everything to resume), ``best.pt`` when the AP
-    improved (or without validation data), a line in ``metrics.jsonl``. Returns whether
-    the AP improved."""
+    """Rank 0 after an epoch: ``best.pt`` when the AP improved (or without validation data),
+    then ``last.pt`` (everything to resume), then a line in ``metrics.jsonl``. In this order
+    a run killed at any point resumes from a last.pt whose best.pt and metrics are
+    consistent with it (``run_log.restore_rows`` restores a line lost after last.pt).
+    Returns whether the AP improved."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # a step at a NaN lr, or a NaN gradient: finite loss, ruined weights
+        raise FloatingPointError(
+            f"training stopped after epoch {state.epoch}: {len(bad)} weight tensor(s) are NaN "
+            f"or inf (e.g. {bad[0]}), so this epoch is not saved; lower --lr or check the data")
     ap = metrics.get("AP", -1.0)
     improved = ap > state.best_ap or not evaluated
     state.best_ap = max(state.best_ap, ap)
@@ -386,13 +397,25 @@ def save_epoch(model: Detector, opt: Optimization, state: RunState, cfg: TrainCo
                             optimizer=opt.optimizer.state_dict(),
                             scheduler=opt.scheduler.state_dict(),
                             train=dataclasses.asdict(cfg), data=data_spec, metrics=metrics)
-    save_checkpoint(out / "last.pt", ckpt)
     if improved or not (out / "best.pt").exists():
         save_checkpoint(out / "best.pt", {k: v for k, v in ckpt.items()
                                           if k not in ("optimizer", "scheduler")})
+    save_checkpoint(out / "last.pt", ckpt)
+    append_metrics(out, metrics)
+    return improved
+
+
+def append_metrics(out: Path, metrics: dict) -> None:
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
-    return improved
+
+
+def check_batches(train_set: DetectionDataset, cfg: TrainConfig, world: int) -> None:
+    """An epoch drops the last partial batch: fewer images than one batch train nothing."""
+    if len(train_set) < cfg.batch_size * world:
+        raise DataError(f"{train_set.source}: {len(train_set)} training image(s), fewer than "
+                        f"one batch of {cfg.batch_size} per process x {world} process(es); "
+                        "lower --batch-size")
 
 
 def part_title(cfg: TrainConfig, epoch: int) -> str:
@@ -424,6 +447,7 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
     log = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
         rows = restore_rows(out, state.epoch, before or None)
         log = RunLog(out, rows, f"{out.name} ({model.arch})", cfg.tensorboard)
     images, seconds = before.get("images", 0), before.get("time", 0.0)
@@ -442,7 +466,7 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
                 loader = epoch_loader(train_set, sampler, cfg, epoch, device)
                 steps = len(loader)
             metrics = train_one_epoch(net, model, opt, loader, steps, cfg, device, bf16, epoch,
-                                      part_title(cfg, epoch), out, rank == 0, log, planner)
+                                      part_title(cfg, epoch), rank == 0, log, planner)
             if planner is not None:
                 cfg = planner.cfg
                 if rank == 0:

@@ -63,7 +63,7 @@ def explain_cmd(
     object."""
     from .cli import find_weights, load_model
     from .data import DataError, load_image
-    from .explain import explain, to_json
+    from .explainer import explain, to_json
     from .explain_view import figure, render, save_figure
 
     if not image.is_file():

@@ -88,7 +88,7 @@ def measure(weights: Path, images: int = 50, device: str = "cpu", progress=None,
     first ``images`` validation images; with ``example``, the ``qdet explain`` figure of the
     first image's objects is written there."""
     from .cli import eval_dataset, load_model
-    from .explain import explain
+    from .explainer import explain
     from .explain_view import figure, save_figure
 
     model = load_model(weights, device)

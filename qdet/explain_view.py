@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from torchvision.ops import box_iou
 
-from .explain import Explanations, LayerExplanation, ObjectExplanation
+from .explainer import Explanations, LayerExplanation, ObjectExplanation
 from .terminal import box_text, narrow_table, num, pct, print_fitting, print_table
 
 LEGEND = {

@@ -49,7 +49,7 @@ def export_cmd(
     in its metadata, and check it in onnxruntime. `qdet predict --weights F.onnx` and
     `qdet eval F.onnx` run the file."""
     from .checkpoint import CheckpointError
-    from .export import ExportError, export_weights
+    from .onnx_export import ExportError, export_weights
     from .zoo import ZooError
 
     hw = parse_size(size)

@@ -12,9 +12,10 @@ import dataclasses
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .base import Detector, MethodSpec
+if TYPE_CHECKING:  # importing base imports torch: `qdet --help` lists ARCHS without it
+    from .base import Detector
 
 ARCHS: dict[str, str] = {
     "detr": "qdet.detr",
@@ -57,6 +58,8 @@ class Method:
 def method(name: str) -> Method:
     if name not in ARCHS:
         raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHS)}")
+    from .base import MethodSpec
+
     spec = importlib.import_module(ARCHS[name]).SPEC
     if not isinstance(spec, MethodSpec) or spec.arch != name:
         raise TypeError(f"{ARCHS[name]}.SPEC must be a MethodSpec whose model's arch is {name!r}")

@@ -6,28 +6,52 @@ weights to the data's classes (``qdet.finetune``), or a run resumed exactly from
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rich.markup import escape
 
 from . import presets
 from .base import Detector
 from .checkpoint import model_from_checkpoint, model_from_source, read_checkpoint
 from .data import AugmentConfig, DetectionDataset
-from .engine import TrainConfig, init_distributed, train
+from .engine import TrainConfig, check_batches, init_distributed, train
+from .evaluation import match_classes
+from .faults import stopping_clearly
 from .finetune import transfer
 from .registry import apply_overrides, build_config, build_model, config_from_dict, method
-from .terminal import console
+from .terminal import console, rank_zero_only
+
+CHECKPOINTS = ("best.pt", "last.pt")   # what a run folder holds, the one to predict with first
 
 
-def latest_run(root: Path = Path("runs")) -> Path | None:
-    """The most recently written run folder under ``root`` (by its last.pt)."""
-    runs = [p.parent for p in Path(root).glob("*/last.pt")]
-    return max(runs, key=lambda p: (p / "last.pt").stat().st_mtime) if runs else None
+def is_run(folder: Path) -> bool:
+    """Whether ``folder`` is a run folder that ``qdet train`` wrote (its ``config.json``)."""
+    return (Path(folder) / "config.json").is_file()
+
+
+def latest_run(root: Path = Path("runs"), files: tuple[str, ...] = CHECKPOINTS) -> Path | None:
+    """The run folder under ``root`` whose newest checkpoint among ``files`` was written
+    last: by ``best.pt`` or ``last.pt`` (people delete the larger ``last.pt`` once a run is
+    over), or by ``last.pt`` alone to resume."""
+    written = {}
+    for name in files:
+        for ckpt in Path(root).glob(f"*/{name}"):
+            mtime = ckpt.stat().st_mtime
+            written[ckpt.parent] = max(written.get(ckpt.parent, mtime), mtime)
+    return max(written, key=written.get) if written else None
+
+
+def run_checkpoint(run: Path) -> Path | None:
+    """The checkpoint to predict or evaluate with in a run folder: ``best.pt``, else
+    ``last.pt``."""
+    return next((run / n for n in CHECKPOINTS if (run / n).is_file()), None)
 
 
 def make_datasets(spec: dict, cfg: TrainConfig):
@@ -60,7 +84,7 @@ class Run:
 def resume_run(out: str | None, train_overrides: dict) -> Run:
     """The run in ``out`` (else the most recent under ./runs), rebuilt from its last.pt;
     only training options (e.g. a larger ``epochs``) may change."""
-    run = Path(out) if out else latest_run()
+    run = Path(out) if out else latest_run(files=("last.pt",))
     if run is None or not (run / "last.pt").is_file():
         raise FileNotFoundError(f"nothing to resume: no last.pt in {run or 'runs/*'}; "
                                 "start a run without --resume")
@@ -112,6 +136,10 @@ def train_config(arch: str, kind: str, spec: dict, train_overrides: dict) -> Tra
     if cfg.time.total_steps:
         raise ValueError("time.total_steps is planned by a timed run itself; set --time "
                          "(and time.warmup, time.max_evals) instead")
+    if cfg.tensorboard:  # before any folder is made
+        from .run_log import check_tensorboard
+
+        check_tensorboard()
     if spec["kind"] == "shapes" and not any(k.startswith("augment") for k in train_overrides):
         s = cfg.shapes.image_size
         cfg = dataclasses.replace(cfg, augment=AugmentConfig(
@@ -120,17 +148,34 @@ def train_config(arch: str, kind: str, spec: dict, train_overrides: dict) -> Tra
 
 
 def run_folder(arch: str, out: str | None, world: int) -> Path:
-    """``out``, or ``runs/ARCH-TIME`` (one time stamp for all ranks); never an existing run."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    """``out``, or a new ``runs/ARCH-TIME`` that rank 0 claims by creating it (``-2``,
+    ``-3``, ... for runs started in the same second) and tells the other ranks; never a
+    folder that holds a run already."""
+    if out:
+        folder = Path(out)
+        if (folder / "last.pt").exists():
+            raise FileExistsError(f"{folder} already holds a run; pass --resume to continue "
+                                  "it or another --out")
+        return folder
+    rank = dist.get_rank() if world > 1 else 0
+    box = [str(claim_folder(Path("runs"), f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"))
+           if rank == 0 else None]
     if world > 1:
-        box = [stamp]
         dist.broadcast_object_list(box, src=0)
-        stamp = box[0]
-    folder = Path(out) if out else Path("runs") / f"{arch}-{stamp}"
-    if (folder / "last.pt").exists():
-        raise FileExistsError(f"{folder} already holds a run; pass --resume to continue it "
-                              "or another --out")
-    return folder
+    return Path(box[0])
+
+
+def claim_folder(root: Path, name: str) -> Path:
+    """Create ``root/name`` (else ``name-2``, ``name-3``, ...) and return it: mkdir is atomic,
+    so two processes never get the same folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    for k in itertools.count(1):
+        folder = root / (name if k == 1 else f"{name}-{k}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
 
 
 def new_run(arch: str, spec: dict, out: str | None, preset: str | None,
@@ -146,6 +191,10 @@ def new_run(arch: str, spec: dict, out: str | None, preset: str | None,
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
     model = build_model(arch, overrides)
     model.category_ids, model.class_names = train_set.category_ids, train_set.class_names
+    if val_set is not None:  # by id, else by name (and say so), else refused
+        note = match_classes(model, val_set).note
+        if note:
+            warnings.warn(note, stacklevel=2)
     if backbone_weights:
         model.backbone.load_weights(backbone_weights)
     return Run(model, cfg, spec, run_folder(arch, out, world), train_set, val_set)
@@ -176,6 +225,7 @@ def finetune_run(weights: str, arch: str | None, spec: dict, out: str | None,
                weights=report.to_json())
 
 
+@stopping_clearly()  # under torchrun: a peer lost while setting up, said in one line
 def fit(arch: str | None = None, *, data: str | None = None, images: str | None = None,
         val_data: str | None = None, val_images: str | None = None, out: str | None = None,
         resume: bool = False, device: str | None = None, preset: str | None = None,
@@ -196,6 +246,8 @@ def fit(arch: str | None = None, *, data: str | None = None, images: str | None 
     class name (``qdet.finetune``); ``freeze_backbone`` keeps the backbone fixed.
     """
     rank, world, device_ = init_distributed(device)
+    if world > 1:
+        rank_zero_only(rank)
     if resume:
         given = [name for name, value in (
             ("--preset", preset), ("--set (model options)", model_overrides),
@@ -223,14 +275,16 @@ def fit(arch: str | None = None, *, data: str | None = None, images: str | None 
         run = new_run(arch or "detr", data_spec(data, images, val_data, val_images), out,
                       preset, model_overrides or {}, train_overrides or {}, backbone_weights,
                       world)
-    if run.cfg.tensorboard:
+    check_batches(run.train_set, run.cfg, world)
+    if run.resume is not None and run.cfg.tensorboard:
         from .run_log import check_tensorboard
 
         check_tensorboard()
     if rank == 0:
         announce(run, world, device_)
-    metrics = train(run.model, run.train_set, run.val_set, run.cfg, run.out, device_,
-                    run.data_spec, run.resume)
+    with stopping_clearly(rank, world, run.out):
+        metrics = train(run.model, run.train_set, run.val_set, run.cfg, run.out, device_,
+                        run.data_spec, run.resume)
     return {"metrics": metrics, "out": str(run.out), "weights": run.weights}
 
 
@@ -252,5 +306,5 @@ def announce(run: Run, world: int, device: torch.device) -> None:
     length = (f"{cfg.time.minutes:g} min budget" if cfg.time.minutes else f"{cfg.epochs} epochs")
     console.print(f"[bold]qdet train[/] {model.arch}: {n_params / 1e6:.1f}M parameters, "
                   f"{len(run.train_set)} training images, {length}, "
-                  f"batch {cfg.batch_size}x{world} on {device} -> {run.out}"
+                  f"batch {cfg.batch_size}x{world} on {device} -> {escape(str(run.out))}"
                   + (f" (resuming after epoch {run.resume['epoch']})" if run.resume else ""))

@@ -3,24 +3,40 @@ stderr), the progress bar, tables, one-line errors and the ``--device`` option."
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Annotated, Optional, Sequence
 
 import typer
 from rich import box as boxes
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 err = Console(stderr=True)
 
 
-def fail(message: str, code: int = 1):
-    # the message is plain text: brackets in it (paths, "qdet[extra]") are not markup
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+def fail(message: str, code: int = 1, every_rank: bool = False):
+    """Print ``error: message`` and exit. The message is printed verbatim, never read as
+    rich markup: it carries user data ("bbox must be [x, y, width, height], got [nan, ...]").
+    Under torchrun only rank 0 prints, since every rank meets the same bad input; an error
+    only one rank can see (its peers are gone) passes ``every_rank=True``."""
+    quiet = err.quiet
+    err.quiet = quiet and not every_rank
+    err.print(Text("error: ", style="bold red") + Text(message), highlight=False,
+              soft_wrap=True)
+    err.quiet = quiet
     raise typer.Exit(code)
+
+
+def rank_zero_only(rank: int) -> None:
+    """Under torchrun every process runs the same code: only rank 0 prints (consoles,
+    Python warnings such as the data check's), so each line appears once."""
+    console.quiet = err.quiet = rank != 0
+    if rank != 0:
+        warnings.simplefilter("ignore")
 
 
 def pick_device(device: Optional[str]) -> str:

@@ -253,9 +253,9 @@ def hf_folder(repo_id: str, offline: bool = False) -> Path | None:
     def get(name: str) -> Path:
         return Path(hf_hub_download(repo_id, name, local_files_only=offline))
 
-    by_hand = (f"run once with network access (or HF_HUB_OFFLINE unset), or download the "
-               f"repository's config.json and model.safetensors into a folder and pass its "
-               f"path")
+    by_hand = ("run once with network access (or HF_HUB_OFFLINE unset), or download the "
+               "repository's config.json and model.safetensors into a folder and pass its "
+               "path")
     try:
         config = get("config.json")
         local_miss = False

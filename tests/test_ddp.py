@@ -1,5 +1,5 @@
-"""Two CPU processes under torchrun (gloo): DistributedSampler, rank-0 checkpoints, and an
-evaluation whose predictions are gathered from both ranks."""
+"""Two CPU processes under torchrun (gloo): DistributedSampler, rank-0 checkpoints, an
+evaluation whose predictions are gathered from both ranks, and output from rank 0 alone."""
 import json
 import subprocess
 import sys
@@ -22,6 +22,9 @@ def test_torchrun_two_processes(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shown = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert sum("run saved in" in line for line in shown) == 1, shown
+    assert len(shown) == len(set(shown)), shown   # no line printed by both ranks
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1                      # only rank 0 writes
     m = json.loads(lines[0])

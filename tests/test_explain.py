@@ -13,7 +13,7 @@ from torchvision.ops import box_convert, roi_align
 
 import qdet
 from qdet import deform_attn
-from qdet.explain import (capture, conditional_terms, explain, masked_softmax, mha_terms,
+from qdet.explainer import (capture, conditional_terms, explain, masked_softmax, mha_terms,
                           rcda_attention)
 from qdet.fast import optimize_for_inference
 from qdet.registry import build_model

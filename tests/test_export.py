@@ -20,7 +20,7 @@ from qdet.checkpoint import model_checkpoint, save_checkpoint
 from qdet.cli import app
 from qdet.deform_attn import ms_deform_attn_onnx, ms_deform_attn_torch
 from qdet.dynamic_head import roi_pool
-from qdet.export import ExportError, OnnxDetector, register_symbolics
+from qdet.onnx_export import ExportError, OnnxDetector, register_symbolics
 from qdet.registry import build_model
 
 from conftest import TINY, TINY_SHAPES, random_images

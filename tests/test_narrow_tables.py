@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from qdet.explain import explain
+from qdet.explainer import explain
 from qdet.explain_view import render as render_explain
 from qdet.match_debug import debug_image, duplicates
 from qdet.match_debug import explain as match_rows

@@ -38,8 +38,8 @@ Summaries per layer (also in the table of ``qdet explain``):
   (averaged over heads) and the weighted root-mean-square distance of its points from the
   reference point, in pixels.
 
-Module note: ``qdet.explain`` is this function (the package exports it); import the module's
-other names with ``from qdet.explain import ...``.
+XX
+other names with ``from qdet.explainer import ...``.
 """
 from __future__ import annotations
 

@@ -1,0 +1,43 @@
+"""Start-up: `qdet --help` and every command's `--help` load neither torch nor numba (they
+took several seconds when they did); the package's public names still work."""
+import subprocess
+import sys
+from pathlib import Path
+
+import qdet
+
+HEAVY = ("torch", "numba", "torchvision", "scipy", "pycocotools", "PIL")
+
+# every command and group of the app, asked for its help in one fresh interpreter
+CODE = f"""
+import sys
+from typer.testing import CliRunner
+from qdet.cli import app
+
+helps = [[], ["train"], ["eval"], ["predict"], ["match-debug"], ["archs"], ["data"],
+         ["data", "shapes"], ["data", "check"], ["bench"], ["bench", "models"],
+         ["bench", "deform-attn"], ["bench", "matcher"], ["bench", "rcda"]]
+for args in helps:
+    r = CliRunner().invoke(app, [*args, "--help"])
+    assert r.exit_code == 0 and "Usage" in r.output, (args, r.output)
+print(",".join(m for m in {HEAVY!r} if m in sys.modules))
+"""
+
+
+def test_help_imports_no_torch():
+    out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True,
+                         cwd=Path(qdet.__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "", f"--help imported {out.stdout.strip()}"
+
+
+def test_public_names_load_on_first_use():
+    code = ("import sys, qdet; assert 'torch' not in sys.modules; "
+            "assert set(qdet.ARCHS) >= {'detr', 'deformable'}; assert 'torch' not in sys.modules; "
+            "from qdet import load, build_model, ms_deform_attn; "
+            "print(load.__module__, build_model.__module__, ms_deform_attn.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(qdet.__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["qdet.checkpoint", "qdet.registry", "qdet.deform_attn"]
+    assert sorted(qdet.__all__) == sorted(n for n in dir(qdet) if n in qdet.__all__)
