@@ -223,6 +223,12 @@ def layer_outputs(logits: Tensor, boxes: Tensor, aux: bool) -> dict:
     return out
 
 
+def class_probs(logits: Tensor, focal: bool) -> Tensor:
+    """Per-class probabilities ``[..., C]``: sigmoid for focal heads, softmax with the
+    "no object" column dropped for softmax heads."""
+    return logits.sigmoid() if focal else logits.softmax(-1)[..., :-1]
+
+
 @torch.no_grad()
 def postprocess_batch(outputs: dict, sizes: Tensor, focal: bool,
                       topk: int = 100) -> tuple[Tensor, Tensor, Tensor]:
@@ -233,14 +239,14 @@ def postprocess_batch(outputs: dict, sizes: Tensor, focal: bool,
     (K = Q); focal models keep the ``topk`` best (query, class) pairs, as their papers do.
     """
     logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+    prob = class_probs(logits, focal)
     if focal:
-        prob = logits.sigmoid()
         _, q, c = prob.shape
         scores, idx = prob.flatten(1).topk(min(topk, q * c), dim=1)
         labels = idx % c
         boxes = torch.gather(boxes, 1, (idx // c)[..., None].expand(-1, -1, 4))
     else:
-        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+        scores, labels = prob.max(-1)
     h, w = sizes.to(boxes).unbind(1)
     scale = torch.stack([w, h, w, h], 1)[:, None]
     boxes = (box_convert(boxes, "cxcywh", "xyxy").clamp(0, 1) * scale)  # clipped to the image

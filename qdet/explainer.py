@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from .base import Detector
+from .base import Detector, class_probs
 
 DETR_TERMS = ("cq·ck", "cq·pk", "pq·ck", "pq·pk")
 CONDITIONAL_TERMS = ("content", "spatial")
@@ -498,10 +498,6 @@ def _stage_layer(layer: LayerExplanation, rec: dict, b: int, q: int, sxy: Tensor
     layer.box = rec["boxes"][b, q].float().cpu() * sxy.repeat(2)
 
 
-def _class_probs(logits: Tensor, focal: bool) -> Tensor:
-    return logits.sigmoid() if focal else logits.softmax(-1)[..., :-1]
-
-
 def _scale_attention(cap: Capture) -> Tensor | None:
     """``[blocks, levels, 3]``: per block and level, the weights of the finer, same and
     coarser level's term in the order :class:`qdet.dynamic_detr.EncoderBlock` computes them
@@ -573,7 +569,7 @@ def explain(model: Detector, image, top: int = 3, queries: Sequence[int] | None 
     if not cap.layers:
         raise ValueError(f"qdet.explain does not know the attention of {type(model).__name__}")
     per_layer = [*out.get("aux_outputs", []), out]
-    probs = [_class_probs(o["pred_logits"][0].float(), model.focal).cpu() for o in per_layer]
+    probs = [class_probs(o["pred_logits"][0].float(), model.focal).cpu() for o in per_layer]
     boxes = [o["pred_boxes"][0].float().cpu() for o in per_layer]
     n_queries = probs[-1].shape[0]
     score, label = probs[-1].max(-1)

@@ -19,7 +19,7 @@ from rich.table import Table
 from torch import Tensor
 from torchvision.ops import box_convert, box_iou
 
-from .base import Detector
+from .base import Detector, class_probs
 from .matcher import CostMatrix, HungarianMatcher, solve
 from .terminal import box_text, mark, narrow_table, num, print_fitting, print_table
 
@@ -53,11 +53,6 @@ class Duplicate:
     box: list[float]
     overlaps_query: int              # the matched query it overlaps most
     iou: float
-
-
-def class_probs(logits: Tensor, focal: bool) -> Tensor:
-    """Per-class probabilities ``[Q, C]`` (no-object column dropped for softmax models)."""
-    return logits.sigmoid() if focal else logits.softmax(-1)[..., :-1]
 
 
 def explain(cls: Tensor, bbox: Tensor, giou: Tensor, probs: Tensor, pred_boxes: Tensor,

@@ -37,6 +37,16 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread gains nothing, and on a busy machine OpenMP's
+    waiting makes each small op tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_images(sizes, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(3, h, w, generator=g) for h, w in sizes]

@@ -166,9 +166,8 @@ def test_image_over_the_pixel_limit_is_refused(tmp_path):
         validate_coco(ann, folder)
 
 
-def test_a_cut_jpeg_is_found_when_decoded_with_its_entry(tmp_path):
-    """PIL's header check passes a JPEG cut short; decoding it, in the main process or a
-    DataLoader worker, stops with one line naming the file and the entry."""
+def with_cut_jpeg(tmp_path):
+    """A dataset of a.jpg (id 7), cut to 70% of its bytes, and a good b.png (id 9)."""
     ann, folder = write(tmp_path, files={"b.png": (50, 20)},
                         images=[{"id": 7, "file_name": "a.jpg"}, {"id": 9, "file_name": "b.png"}])
     rng = torch.Generator().manual_seed(0)
@@ -176,6 +175,13 @@ def test_a_cut_jpeg_is_found_when_decoded_with_its_entry(tmp_path):
     Image.fromarray(pixels).save(folder / "a.jpg", quality=95)
     data = (folder / "a.jpg").read_bytes()
     (folder / "a.jpg").write_bytes(data[:int(len(data) * 0.7)])
+    return ann, folder
+
+
+def test_a_cut_jpeg_is_found_when_decoded_with_its_entry(tmp_path):
+    """PIL's header check passes a JPEG cut short; decoding it, in the main process or a
+    DataLoader worker, stops with one line naming the file and the entry."""
+    ann, folder = with_cut_jpeg(tmp_path)
     ds = CocoDataset(ann, folder, AugmentConfig(eval_size=30), train=False)  # check passes
     for workers in (0, 1):
         loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=workers,
@@ -191,13 +197,7 @@ def test_a_cut_jpeg_is_found_when_decoded_with_its_entry(tmp_path):
 def test_training_stops_on_a_cut_image_with_one_line(tmp_path):
     from conftest import TINY
 
-    ann, folder = write(tmp_path, files={"b.png": (50, 20)},
-                        images=[{"id": 7, "file_name": "a.jpg"}, {"id": 9, "file_name": "b.png"}])
-    rng = torch.Generator().manual_seed(0)
-    pixels = (torch.rand(30, 40, 3, generator=rng) * 255).to(torch.uint8).numpy()
-    Image.fromarray(pixels).save(folder / "a.jpg", quality=95)
-    data = (folder / "a.jpg").read_bytes()
-    (folder / "a.jpg").write_bytes(data[:int(len(data) * 0.7)])
+    ann, folder = with_cut_jpeg(tmp_path)
     args = ["train", "--data", str(ann), "--images", str(folder), "--out", str(tmp_path / "run"),
             "--epochs", "1", "--batch-size", "2", "--workers", "0",
             "--set", "augment.train_scales=32", "--set", "augment.crop=false"]

@@ -33,14 +33,7 @@ COMMON = dict(device="cpu",
                                "warmup_steps": 0, "epochs": 3, "eval_every": 100})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread gains nothing, and on a busy machine OpenMP's
-    waiting makes each small op tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,7 @@ from qdet.runs import fit
 from conftest import TINY
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread gains nothing, and on a busy machine OpenMP's
-    waiting makes each small op tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def case(seed=0, focal=False):
