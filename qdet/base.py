@@ -131,6 +131,16 @@ def export_mode() -> Iterator[None]:
         _export_mode = before
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether bfloat16 runs natively (else autocast would emulate it, slowly)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # older torch: no cheap way to know
+        return False
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where a model's inputs go: its parameters' device (a model run by onnxruntime has no
     parameters and takes CPU tensors)."""

@@ -151,7 +151,8 @@ def default_backend(device: torch.device) -> str:
             pass
         if not _warned_no_cuda:
             warnings.warn("Numba cannot use this GPU (install numba-cuda and a CUDA driver); "
-                          "deformable attention falls back to the PyTorch reference",
+                          "deformable attention and convolution fall back to the PyTorch "
+                          "reference",
                           stacklevel=3)
             _warned_no_cuda = True
     return "torch"

@@ -6,8 +6,8 @@ Dai_Dynamic_DETR_End-to-End_Object_Detection_With_Dynamic_Attention_ICCV_2021_pa
 Design points and where they come from:
 - Dynamic encoder (Sec. 3.2): self-attention over the pyramid approximated by convolutions
   with three kinds of attention, stacked in several blocks. Per level:
-  spatial attention = a deformable convolution (torchvision.ops.deform_conv2d, 3x3 with a
-  modulation mask) whose offsets are estimated from that (middle) level and applied to it and
+  spatial attention = a modulated deformable convolution (``qdet.deform_conv``: 3x3,
+  torchvision's semantics, sampled by Numba kernels) whose offsets are estimated from that (middle) level and applied to it and
   to its two neighbouring levels, resized to its size; scale attention = a squeeze-and-
   excitation style weight per level term; representation attention = a dynamic ReLU (its
   channel-wise coefficients generated from the pooled feature). The pyramid is an FPN
@@ -39,11 +39,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import DeformConv2d, FeaturePyramidNetwork
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from .backbone import Backbone
 from .base import Detector, LossConfig, MethodSpec, exporting, focal_loss_config
+from .deform_conv import DeformConv2d
 from .dynamic_head import DynamicHead, decode_proposals, learned_proposals, pad_for_pyramid
 
 
@@ -93,7 +94,8 @@ class EncoderBlock(nn.Module):
         self.offset = nn.Conv2d(d, 27, 3, padding=1)      # 2 x 9 offsets + 9 mask logits
         nn.init.zeros_(self.offset.weight)
         nn.init.zeros_(self.offset.bias)
-        # one deformable conv per role: finer neighbour, same level, coarser neighbour
+        # one deformable conv per role: finer neighbour, same level, coarser neighbour;
+        # parameters named as torchvision's DeformConv2d (dcn.{i}.weight/bias)
         self.dcn = nn.ModuleList(DeformConv2d(d, d, 3, padding=1) for _ in range(3))
         self.norm = nn.ModuleList(nn.GroupNorm(16, d) for _ in range(3))
         for conv in self.dcn:
@@ -104,13 +106,9 @@ class EncoderBlock(nn.Module):
         self.dyrelu = DyReLU(d)
 
     def deform(self, role: int, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
-        """torchvision's deformable convolution, in float32 under autocast (its CPU kernel
-        has no bfloat16 version). NaN offsets (a diverged run) become 0: torchvision's kernel
-        turns a NaN position into an out-of-bounds index and crashes the process, where the
-        training loop would stop with a message."""
-        offset = torch.where(torch.isnan(offset), 0.0, offset)
-        with torch.autocast(x.device.type, enabled=False):
-            return self.dcn[role](x.float(), offset.float(), mask.float())
+        """The deformable convolution of ``role``: qdet's op (NaN offsets from a diverged
+        run sample zero), torchvision's while exporting to ONNX."""
+        return self.dcn[role](x, offset, mask)
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         out = []

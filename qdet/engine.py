@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import budget
-from .base import Detector
+from .base import Detector, bf16_native
 from .budget import PassIndexed, StreamSampler, TimeConfig
 from .checkpoint import model_checkpoint, remove_stale_temporaries, save_checkpoint
 from .criterion import SetCriterion
@@ -143,16 +143,6 @@ def num_parts(cfg: TrainConfig) -> int:
     if cfg.time.minutes:
         return cfg.time.evals or 1
     return cfg.epochs
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether bfloat16 runs natively (else autocast would emulate it, slowly)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # older torch: no cheap way to know
-        return False
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
