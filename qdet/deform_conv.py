@@ -16,7 +16,7 @@ with the mask folded in, then one matrix product with the weight ``[Cout, C/grou
 Sampling runs in float64 when an input is float64, else in float32. The product runs in the
 low-precision dtype of autocast or of the input only where the hardware has it (a GPU, or a
 CPU with native bfloat16): elsewhere oneDNN emulates bfloat16 several times slower than
-float32 (``qdet bench deform-conv``), so it stays in float32; the result is returned in the
+float32 (measured in development), so it stays in float32; the result is returned in the
 low-precision dtype all the same, as a convolution under autocast would be.
 
 While a model is exported to ONNX (``qdet.base.exporting()``) the op is torchvision's, which
