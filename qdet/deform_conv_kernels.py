@@ -70,6 +70,19 @@ def _tap(offset, n, g, k, p, geo, h, w, fh, fw, one):
             y - fy, x - fx)
 
 
+@njit(inline="always")
+def _block_taps(offset, mask, n, g, k, p0, m, geo, h, w, fh, fw, one, idx, wt):
+    """The four corner indices ``idx[:, :m]`` and mask-weighted bilinear weights
+    ``wt[:, :m]`` of tap ``k`` of offset group ``g`` at output pixels ``p0 .. p0+m-1``."""
+    for j in range(m):
+        i00, i01, i10, i11, m00, m01, m10, m11, ly, lx = _tap(
+            offset, n, g, k, p0 + j, geo, h, w, fh, fw, one)
+        a, hy, hx = mask[n, g, k, p0 + j], one - ly, one - lx
+        idx[0, j], idx[1, j], idx[2, j], idx[3, j] = i00, i01, i10, i11
+        wt[0, j], wt[1, j] = a * hy * hx * m00, a * hy * lx * m01
+        wt[2, j], wt[3, j] = a * ly * hx * m10, a * ly * lx * m11
+
+
 @njit(parallel=True, cache=True, fastmath={"contract"})
 def _im2col_cpu(x, offset, mask, geo, h, w, cols, one):
     n_, c_, k_, p_ = cols.shape
@@ -85,13 +98,7 @@ def _im2col_cpu(x, offset, mask, geo, h, w, cols, one):
         m = min(PBLOCK, p_ - p0)
         idx = np.empty((4, m), dtype=np.int64)
         wt = np.empty((4, m), dtype=cols.dtype)
-        for j in range(m):
-            i00, i01, i10, i11, m00, m01, m10, m11, ly, lx = _tap(
-                offset, n, g, k, p0 + j, geo, h, w, fh, fw, one)
-            a, hy, hx = mask[n, g, k, p0 + j], one - ly, one - lx
-            idx[0, j], idx[1, j], idx[2, j], idx[3, j] = i00, i01, i10, i11
-            wt[0, j], wt[1, j] = a * hy * hx * m00, a * hy * lx * m01
-            wt[2, j], wt[3, j] = a * ly * hx * m10, a * ly * lx * m11
+        _block_taps(offset, mask, n, g, k, p0, m, geo, h, w, fh, fw, one, idx, wt)
         for c in range(g * cg, (g + 1) * cg):
             xc, row = x[n, c], cols[n, c, k]
             for j in range(m):
@@ -117,13 +124,7 @@ def _grad_input_cpu(gcols, offset, mask, geo, h, w, cblock, gx, one):
         for k in range(k_):
             for p0 in range(0, p_, PBLOCK):
                 m = min(PBLOCK, p_ - p0)
-                for j in range(m):
-                    i00, i01, i10, i11, m00, m01, m10, m11, ly, lx = _tap(
-                        offset, n, g, k, p0 + j, geo, h, w, fh, fw, one)
-                    a, hy, hx = mask[n, g, k, p0 + j], one - ly, one - lx
-                    idx[0, j], idx[1, j], idx[2, j], idx[3, j] = i00, i01, i10, i11
-                    wt[0, j], wt[1, j] = a * hy * hx * m00, a * hy * lx * m01
-                    wt[2, j], wt[3, j] = a * ly * hx * m10, a * ly * lx * m11
+                _block_taps(offset, mask, n, g, k, p0, m, geo, h, w, fh, fw, one, idx, wt)
                 for c in range(c0, c0 + cblock):
                     gxc, grow = gx[n, c], gcols[n, c, k]
                     for j in range(m):
