@@ -1,6 +1,10 @@
 """Shared test helpers: tiny configs so the whole suite stays fast on a 2-core CPU."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -45,6 +49,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_under_cudasim(script: str) -> None:
+    """Run ``script`` in a fresh interpreter under Numba's CUDA simulator (it must be set
+    before numba is imported); the script prints "CUDASIM OK" when its checks pass."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0 and "CUDASIM OK" in proc.stdout, proc.stdout + proc.stderr
 
 
 def random_images(sizes, seed=0):

@@ -1,14 +1,12 @@
 """Multi-scale deformable attention: Numba CPU and CUDA (simulated) kernels against the
 grid_sample reference, gradcheck, and edge cases."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import qdet
 from qdet.deform_attn import ms_deform_attn, ms_deform_attn_torch
+
+from conftest import run_under_cudasim
 
 SHAPES = [(6, 4), (3, 5), (1, 1)]
 
@@ -171,10 +169,7 @@ print("CUDASIM OK")
 
 
 def test_cuda_kernels_under_numba_simulator():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run([sys.executable, "-c", CUDASIM], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0 and "CUDASIM OK" in proc.stdout, proc.stdout + proc.stderr
+    run_under_cudasim(CUDASIM)
 
 
 def test_value_gradient_chunking_matches():
