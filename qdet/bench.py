@@ -134,6 +134,115 @@ def bench_deform_attn(device: str = "cpu", repeat: int = 3, backends=None) -> li
     return rows
 
 
+# Dynamic DETR's largest deformable convolution (P3, 3x3, d -> d): the built-in preset's
+# training step (16 images of 128 px, d 128) and the paper's model at 800x1066 (d 256)
+DEFORM_CONV_SHAPES = {"preset (16x128x16x16)": (16, 128, 16, 16),
+                      "paper (1x256x100x134)": (1, 256, 100, 134)}
+
+
+def deform_conv_inputs(shape, device, spread: float = 2.0, seed: int = 0):
+    """Input, offsets (``spread`` pixels std, as a trained model's), mask, weight and bias
+    of one 3x3 modulated deformable convolution with as many output channels as input."""
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g)
+    offset = torch.randn(n, 18, h, w, generator=g) * spread
+    mask = torch.rand(n, 9, h, w, generator=g)
+    weight = torch.randn(c, c, 3, 3, generator=g) * 0.01
+    bias = torch.randn(c, generator=g) * 0.01
+    return [t.to(device) for t in (x, offset, mask, weight, bias)]
+
+
+def mmap_large_allocations() -> None:
+    """Make glibc serve every allocation above 64 KiB by mmap and give it back on free, so
+    that a CPU peak (:func:`peak_memory_mib`) counts what is alive at the peak, not what
+    malloc kept from earlier calls (its high-water mark otherwise moves by tens of MiB from
+    run to run). It slows later allocations: call it after the timings."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)      # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def bench_deform_conv(device: str = "cpu", repeat: int = 3, shapes=None) -> list[dict]:
+    """Forward and forward+backward time and peak memory of the modulated deformable
+    convolution at Dynamic DETR's shapes: torchvision's op (the baseline), the torch
+    reference, qdet's kernels in float32 and under bfloat16 autocast. Every time is taken
+    before any memory is measured (see :func:`mmap_large_allocations`)."""
+    from .deform_conv import deform_conv2d
+
+    dev = torch.device(device)
+    kernel = "numba" if dev.type == "cpu" else "cuda"
+    variants = [("torchvision", "torchvision", False), ("torch", "torch", False),
+                (kernel, kernel, False), (f"{kernel} bf16", kernel, True)]
+    cases = []
+    for name, shape in (shapes or DEFORM_CONV_SHAPES).items():
+        tensors = deform_conv_inputs(shape, dev)
+        for label, backend, bf16 in variants:
+            def run(grad: bool, tensors=tensors, backend=backend, bf16=bf16):
+                ts = [t.detach().requires_grad_(grad) for t in tensors]
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    out = deform_conv2d(*ts, padding=1, backend=backend)
+                if grad:
+                    out.float().backward(torch.ones_like(out, dtype=torch.float32))
+                    return [t.grad for t in ts]
+                return out
+
+            def fwd(run=run):
+                with torch.no_grad():
+                    return run(False)
+
+            cases.append(({"shape": name, "backend": label}, fwd, lambda run=run: run(True)))
+    rows = []
+    for row, fwd, fwd_bwd in cases:
+        rows.append(dict(row, forward_s=time_it(fwd, dev, repeat),
+                         forward_backward_s=time_it(fwd_bwd, dev, repeat)))
+    if dev.type == "cpu":
+        mmap_large_allocations()
+    for row, (_, _, fwd_bwd) in zip(rows, cases):
+        fwd_bwd()   # first calls allocate once-only buffers (Numba's, oneDNN's)
+        row["forward_backward_peak_mib"] = peak_memory_mib(fwd_bwd, dev)
+    for row in rows:  # ratios against torchvision's op at the same shape
+        ref = next(r for r in rows if r["shape"] == row["shape"]
+                   and r["backend"] == "torchvision")
+        row["forward_speedup"] = ref["forward_s"] / row["forward_s"]
+        row["forward_backward_speedup"] = ref["forward_backward_s"] / row["forward_backward_s"]
+        row["memory_ratio"] = row["forward_backward_peak_mib"] / ref["forward_backward_peak_mib"]
+    return rows
+
+
+def bench_dynamic_detr(device: str = "cpu", repeat: int = 3,
+                       size: tuple[int, int] = (800, 1066), train: bool = True,
+                       overrides: dict | None = None) -> dict:
+    """What the deformable convolution buys Dynamic DETR, in one process: inference of the
+    paper configuration on the fast path in bfloat16 with torchvision's op and with qdet's,
+    beside Deformable DETR's, and a training step of the built-in preset (eager float32,
+    and bf16 + channels_last as ``qdet train`` runs it) with each op. ``overrides`` maps an
+    architecture to changes of its paper configuration."""
+    from .deform_conv import DeformConv2d
+
+    def torchvision_op(model):
+        for module in model.modules():
+            if isinstance(module, DeformConv2d):
+                module.backend = "torchvision"
+
+    infer, steps = [], []
+    for arch, op, prepare in (("dynamic", "torchvision", torchvision_op),
+                              ("dynamic", "qdet", None), ("deformable", "-", None)):
+        for row in bench_inference(arch, device, size, 1, repeat, modes=("fast+bf16",),
+                                   prepare=prepare, overrides=(overrides or {}).get(arch)):
+            infer.append(dict(row, op=op))
+        if arch == "dynamic" and train:
+            steps += [dict(row, op=op) for row in bench_training(arch, device, repeat=repeat,
+                                                                  prepare=prepare)]
+    for row in infer:
+        row["speedup"] = infer[0]["seconds"] / row["seconds"]
+    for row in steps:
+        ref = next(r for r in steps if r["mode"] == row["mode"] and r["op"] == "torchvision")
+        row["speedup"] = ref["seconds"] / row["seconds"]
+    return {"inference": infer, "training": steps}
+
+
 def machine_description(device: str = "cpu") -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
@@ -214,11 +323,14 @@ def _images(batch: int, size: tuple[int, int], device) -> list[torch.Tensor]:
 
 def bench_inference(arch: str, device: str = "cpu", size: tuple[int, int] = (800, 1066),
                     batch: int = 1, repeat: int = 3, modes=("eager", "fast", "fast+bf16"),
-                    compile: bool = False) -> list[dict]:
+                    compile: bool = False,
+                    prepare: Callable[[torch.nn.Module], None] | None = None,
+                    overrides: dict | None = None) -> list[dict]:
     """Inference latency of ``arch`` with the paper's configuration (random weights) at
     ``size``: the plain eager model, the fast path (``qdet.fast``), and the fast path under
-    bfloat16 autocast; with peak memory and the largest output difference to eager,
-    relative to the eager output's magnitude."""
+    bfloat16 autocast; with peak memory and the largest output difference to the first
+    mode, relative to its output's magnitude. ``prepare(model)`` runs once after building;
+    ``overrides`` change the configuration."""
     import copy
 
     from .fast import optimize_for_inference
@@ -226,7 +338,9 @@ def bench_inference(arch: str, device: str = "cpu", size: tuple[int, int] = (800
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    eager = build_model(arch).to(dev).eval()
+    eager = build_model(arch, overrides).to(dev).eval()
+    if prepare is not None:
+        prepare(eager)
     images = _images(batch, size, dev)
     rows, ref = [], None
     for mode in modes:
@@ -258,9 +372,11 @@ def bench_inference(arch: str, device: str = "cpu", size: tuple[int, int] = (800
 
 
 def bench_training(arch: str, device: str = "cpu", batch: int = 16, size: int = 128,
-                   repeat: int = 3, modes=("eager", "bf16+channels_last")) -> list[dict]:
+                   repeat: int = 3, modes=("eager", "bf16+channels_last"),
+                   prepare: Callable[[torch.nn.Module], None] | None = None) -> list[dict]:
     """Training step time (forward, loss, backward, AdamW) of ``arch``'s built-in-data preset
-    on ``batch`` images of ``size`` px, eager against bf16 autocast + channels_last."""
+    on ``batch`` images of ``size`` px, eager against bf16 autocast + channels_last.
+    ``prepare(model)`` runs on each model after building."""
     from .criterion import SetCriterion
     from .data import collate
     from .data import ShapesDataset
@@ -278,6 +394,8 @@ def bench_training(arch: str, device: str = "cpu", batch: int = 16, size: int = 
     for mode in modes:
         torch.manual_seed(0)
         model = build_model(arch, {**shapes_model, "num_classes": 5}).to(dev).train()
+        if prepare is not None:
+            prepare(model)
         fast = mode != "eager"
         if fast:
             model.to(memory_format=torch.channels_last)

@@ -41,6 +41,52 @@ def bench_deform_attn_cmd(device: Device = None, repeat: Repeat = 3, as_json: As
                   "memory of forward+backward relative to it (lower is better)")
 
 
+@bench_app.command("deform-conv")
+def bench_deform_conv_cmd(
+    device: Device = None,
+    repeat: Repeat = 3,
+    models: Annotated[bool, typer.Option(help="Also time Dynamic DETR (inference at 800x1066 "
+                                         "beside Deformable DETR, and a training step of "
+                                         "the built-in preset) with torchvision's op and "
+                                         "qdet's.")] = True,
+    as_json: AsJson = False,
+):
+    """Modulated deformable convolution (Dynamic DETR's spatial attention): qdet's kernels
+    against torchvision's deform_conv2d at the built-in preset's training shape and the
+    paper's 800x1066 shape, forward and forward+backward, float32 and bf16."""
+    from .bench import bench_deform_conv, bench_dynamic_detr, machine_description
+
+    device = pick_device(device)
+    rows = bench_deform_conv(device, repeat)
+    dyn = bench_dynamic_detr(device, repeat) if models else None
+    machine = machine_description(device)
+    if as_json:
+        console.print_json(json.dumps({"machine": machine, "rows": rows, "models": dyn}))
+        return
+    console.print(rows_table(
+        f"deform_conv2d 3x3, P3 of Dynamic DETR, {machine}",
+        ("shape", "op", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd x", "fwd+bwd x",
+         "memory x"),
+        [(r["shape"], r["backend"], f"{r['forward_s'] * 1e3:.1f}",
+          f"{r['forward_backward_s'] * 1e3:.1f}", f"{r['forward_backward_peak_mib']:.0f}",
+          f"{r['forward_speedup']:.2f}", f"{r['forward_backward_speedup']:.2f}",
+          f"{r['memory_ratio']:.2f}") for r in rows]))
+    console.print("x: torchvision's time over this row's (higher is faster); memory x: peak "
+                  "memory of forward+backward over torchvision's (lower is better)")
+    if dyn is None:
+        return
+    console.print(rows_table(
+        f"inference at 800x1066, fast path + bf16, {machine}",
+        ("arch", "deform conv", "ms", "peak MiB", "speed x"),
+        [(r["arch"], r["op"], f"{r['seconds'] * 1e3:.0f}", f"{r['peak_mib']:.0f}",
+          f"{r['speedup']:.2f}") for r in dyn["inference"]]))
+    console.print(rows_table(
+        f"training step, built-in preset, batch 16 at 128 px, {machine}",
+        ("arch", "mode", "deform conv", "ms", "peak MiB", "speed x"),
+        [(r["arch"], r["mode"], r["op"], f"{r['seconds'] * 1e3:.0f}", f"{r['peak_mib']:.0f}",
+          f"{r['speedup']:.2f}") for r in dyn["training"]]))
+
+
 @bench_app.command("models")
 def bench_models_cmd(
     arch: Annotated[Optional[list[str]], typer.Option("--arch", "-a", help="Architecture(s) "

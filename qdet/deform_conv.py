@@ -13,6 +13,9 @@ with the mask folded in, then one matrix product with the weight ``[Cout, C/grou
 - ``numba``: fused CPU kernels, forward and backward, deterministic;
 - ``cuda``: Numba CUDA kernels on torch's current stream (atomics in the input gradient).
 
+A fourth, ``torchvision``, is torchvision's own ``deform_conv2d`` in float32: the independent
+reference of the tests and the baseline of ``qdet bench deform-conv``.
+
 Sampling runs in float64 when an input is float64, else in float32. The product runs in the
 low-precision dtype of autocast or of the input only where the hardware has it (a GPU, or a
 CPU with native bfloat16): elsewhere oneDNN emulates bfloat16 several times slower than
@@ -25,6 +28,7 @@ While a model is exported to ONNX (``qdet.base.exporting()``) the op is torchvis
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,7 +39,7 @@ from . import deform_conv_kernels as kernels
 from .base import bf16_native, exporting
 from .deform_attn import default_backend
 
-BACKENDS = ("torch", "numba", "cuda")
+BACKENDS = ("torch", "numba", "cuda", "torchvision")
 
 
 def _pair(v) -> tuple[int, int]:
@@ -82,56 +86,137 @@ def im2col_torch(x: Tensor, offset: Tensor, mask: Tensor, geo) -> Tensor:
 
 # ----------------------------------------------------- one op, two kernel backends
 
+COLUMNS_BUDGET = 16 * 2**20   # bytes of sampled columns alive at once (kernel backends)
 
-@torch.library.custom_op("qdet::deform_im2col", mutates_args=())
-def _im2col(x: Tensor, offset: Tensor, mask: Tensor, geo: list[int], backend: str) -> Tensor:
+
+def _im2col(x: Tensor, offset: Tensor, mask: Tensor, geo, backend: str) -> Tensor:
     g = np.asarray(geo, dtype=np.int64)
     if backend == "cuda":
         return kernels.im2col_cuda(x, offset, mask, g)
     return kernels.im2col_cpu(x, offset, mask, g)
 
 
-@_im2col.register_fake
-def _(x, offset, mask, geo, backend):
-    k = geo[0] * geo[1]
-    return x.new_empty(x.shape[0], x.shape[1] * k, mask.shape[-2] * mask.shape[-1])
-
-
-@torch.library.custom_op("qdet::deform_im2col_backward", mutates_args=())
-def _im2col_backward(grad: Tensor, x: Tensor, offset: Tensor, mask: Tensor, geo: list[int],
+def _im2col_backward(gcols: Tensor, x: Tensor, offset: Tensor, mask: Tensor, geo,
                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
     g = np.asarray(geo, dtype=np.int64)
     if backend == "cuda":
-        return kernels.im2col_backward_cuda(grad, x, offset, mask, g)
-    return kernels.im2col_backward_cpu(grad, x, offset, mask, g)
+        return kernels.im2col_backward_cuda(gcols, x, offset, mask, g)
+    return kernels.im2col_backward_cpu(gcols, x, offset, mask, g)
 
 
-@_im2col_backward.register_fake
-def _(grad, x, offset, mask, geo, backend):
-    return torch.empty_like(x), torch.empty_like(offset), torch.empty_like(mask)
+def channel_blocks(x: Tensor, offset_groups: int, groups: int, k: int, p: int):
+    """Blocks of input channels sampled and multiplied together, so that at most about
+    ``COLUMNS_BUDGET`` bytes of columns exist at once (more only when one channel alone
+    needs more). A block lies inside one offset group and one convolution group: yields
+    ``(c0, c1, offset group, convolution group)``."""
+    n, c = x.shape[:2]
+    step = math.gcd(c // offset_groups, c // groups)
+    per_channel = n * k * p * x.element_size()
+    size = max([b for b in range(1, step + 1) if step % b == 0
+                and b * per_channel <= COLUMNS_BUDGET] or [1])
+    for c0 in range(0, c, size):
+        yield c0, c0 + size, c0 // (c // offset_groups), c0 // (c // groups)
+
+
+def _block_inputs(x, offset, mask, c0, c1, og, k):
+    """The block's channels and its offset group's offsets and mask, contiguous."""
+    n, g2k = offset.shape[:2]
+    if g2k == 2 * k:                      # one offset group: the tensors as they are
+        return x[:, c0:c1].contiguous(), offset, mask
+    return (x[:, c0:c1].contiguous(), offset[:, og * 2 * k:(og + 1) * 2 * k].contiguous(),
+            mask[:, og * k:(og + 1) * k].contiguous())
+
+
+@torch.library.custom_op("qdet::deform_conv2d", mutates_args=())
+def _fused(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor],
+           geo: list[int], backend: str, mm: str) -> Tensor:
+    """Sampling and weight product block by block of channels (``channel_blocks``), the
+    products summed in the sampling dtype; out ``[N, Cout, Hout, Wout]`` in x's dtype."""
+    k, wo = geo[0] * geo[1], geo[8]
+    n, c = x.shape[:2]
+    cout, cin_g = weight.shape[:2]
+    groups, og = c // cin_g, offset.shape[1] // (2 * k)
+    p = mask.shape[-2] * mask.shape[-1]
+    mm_dtype = getattr(torch, mm)
+    wmat = weight.to(mm_dtype).reshape(cout, cin_g * k)
+    out = x.new_zeros(n, cout, p)
+    cout_g = cout // groups
+    for c0, c1, g, grp in channel_blocks(x, og, groups, k, p):
+        cols = _im2col(*_block_inputs(x, offset, mask, c0, c1, g, k), geo, backend)
+        w0 = (c0 - grp * cin_g) * k
+        part = torch.matmul(wmat[grp * cout_g:(grp + 1) * cout_g, w0:w0 + (c1 - c0) * k],
+                            cols.to(mm_dtype))                            # [N, Cout/g, P]
+        del cols
+        out[:, grp * cout_g:(grp + 1) * cout_g] += part
+    if bias is not None:
+        out += bias.to(out.dtype).view(1, cout, 1)
+    return out.view(n, cout, p // wo, wo)
+
+
+@_fused.register_fake
+def _(x, offset, mask, weight, bias, geo, backend, mm):
+    return x.new_empty(x.shape[0], weight.shape[0], mask.shape[-2], mask.shape[-1])
+
+
+@torch.library.custom_op("qdet::deform_conv2d_backward", mutates_args=())
+def _fused_backward(grad: Tensor, x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
+                    geo: list[int], backend: str, mm: str
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of x, offset, mask and weight. Each block's columns are sampled again
+    rather than kept from the forward (as torchvision's op does), so a training step holds
+    no more columns than the forward did."""
+    k = geo[0] * geo[1]
+    n, c = x.shape[:2]
+    cout, cin_g = weight.shape[:2]
+    groups, og = c // cin_g, offset.shape[1] // (2 * k)
+    p = mask.shape[-2] * mask.shape[-1]
+    mm_dtype = getattr(torch, mm)
+    wmat = weight.to(mm_dtype).reshape(cout, cin_g * k)
+    gout = grad.reshape(n, cout, p).to(mm_dtype)
+    gx, goff, gmask = torch.empty_like(x), torch.zeros_like(offset), torch.zeros_like(mask)
+    gw = torch.zeros(cout, cin_g * k, dtype=x.dtype, device=x.device)
+    cout_g = cout // groups
+    for c0, c1, g, grp in channel_blocks(x, og, groups, k, p):
+        xb, ob, mb = _block_inputs(x, offset, mask, c0, c1, g, k)
+        rows, w0 = slice(grp * cout_g, (grp + 1) * cout_g), (c0 - grp * cin_g) * k
+        cols = slice(w0, w0 + (c1 - c0) * k)
+        go = gout[:, rows]                                                # [N, Cout/g, P]
+        sampled = _im2col(xb, ob, mb, geo, backend).to(mm_dtype)
+        gw_block = gw[rows, cols]
+        for i in range(n):   # image by image: no [N, Cout, (c1-c0)K] partial products
+            gw_block.add_(torch.mm(go[i], sampled[i].t()))
+        del sampled
+        gcols = torch.matmul(wmat[rows, cols].t(), go)                    # [N, (c1-c0)K, P]
+        gxb, gob, gmb = _im2col_backward(gcols, xb, ob, mb, geo, backend)
+        del gcols
+        gx[:, c0:c1] = gxb
+        goff[:, g * 2 * k:(g + 1) * 2 * k] += gob
+        gmask[:, g * k:(g + 1) * k] += gmb
+    return gx, goff, gmask, gw.view(weight.shape).to(weight.dtype)
+
+
+@_fused_backward.register_fake
+def _(grad, x, offset, mask, weight, geo, backend, mm):
+    return (torch.empty_like(x), torch.empty_like(offset), torch.empty_like(mask),
+            torch.empty_like(weight))
 
 
 def _setup(ctx, inputs, output):
-    x, offset, mask, geo, backend = inputs
-    ctx.save_for_backward(x, offset, mask)
-    ctx.geo, ctx.backend = geo, backend
+    x, offset, mask, weight, bias, geo, backend, mm = inputs
+    ctx.save_for_backward(x, offset, mask, weight)
+    ctx.geo, ctx.backend, ctx.mm = geo, backend, mm
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad):
-    x, offset, mask = ctx.saved_tensors
-    gx, go, gm = _im2col_backward(grad.contiguous(), x, offset, mask, ctx.geo, ctx.backend)
-    return gx, go, gm, None, None
+    x, offset, mask, weight = ctx.saved_tensors
+    gx, goff, gmask, gw = _fused_backward(grad.contiguous(), x, offset, mask, weight, ctx.geo,
+                                          ctx.backend, ctx.mm)
+    gb = None if ctx.bias_dtype is None else grad.sum((0, 2, 3)).to(ctx.bias_dtype)
+    return gx, goff, gmask, gw, gb, None, None, None
 
 
-_im2col.register_autograd(_backward, setup_context=_setup)
-
-
-def columns(x: Tensor, offset: Tensor, mask: Tensor, geo, backend: str) -> Tensor:
-    """The sampled columns ``[N, C*K, P]`` of one backend (differentiable)."""
-    if backend == "torch":
-        return im2col_torch(x, offset, mask, geo)
-    return _im2col(x.contiguous(), offset.contiguous(), mask.contiguous(),
-                   [int(v) for v in geo], backend)
+_fused.register_autograd(_backward, setup_context=_setup)
 
 
 # ------------------------------------------------------------------------- the op
@@ -177,13 +262,14 @@ def deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
         weight: ``[Cout, C/groups, kh, kw]``; groups follow from its shape.
         bias: ``[Cout]`` or None.
         stride, padding, dilation: ints or (h, w) pairs.
-        backend: ``'torch'``, ``'numba'`` or ``'cuda'``; default by device.
+        backend: ``'torch'``, ``'numba'``, ``'cuda'`` or ``'torchvision'``; default by
+            device.
         mm_dtype: the weight product's dtype; default :func:`matmul_dtype`.
     Returns:
         ``[N, Cout, Hout, Wout]``, in the low-precision dtype under autocast or for such
         an input, else in the sampling dtype.
     """
-    if exporting():
+    if exporting() or backend == "torchvision":
         return deform_conv2d_torchvision(x, offset, mask, weight, bias, stride, padding,
                                          dilation)
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
@@ -222,7 +308,12 @@ def deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
     mm = mm_dtype or matmul_dtype(x.device, low, work)
     geo = kernels.geometry(kh, kw, (sh, sw), (ph, pw), (dh, dw), wo)
     with torch.autocast(x.device.type, enabled=False):
-        cols = columns(x.to(work), offset.to(work), mask.to(work), geo, backend)
+        if backend != "torch":
+            out = _fused(x.to(work).contiguous(), offset.to(work).contiguous(),
+                         mask.to(work).contiguous(), weight, bias, [int(v) for v in geo],
+                         backend, str(mm).removeprefix("torch."))
+            return out.to(low or work)
+        cols = im2col_torch(x.to(work), offset.to(work), mask.to(work), geo)
         p = ho * wo
         wmat = weight.to(mm).reshape(groups, cout // groups, cin_g * k)
         out = torch.matmul(wmat, cols.to(mm).view(n, groups, cin_g * k, p))  # [N,grp,Cout/g,P]

@@ -269,3 +269,18 @@ def test_bench_commands_run_small():
     infer = json.loads(r.output[r.output.index("{"):])["inference"]
     assert [row["mode"] for row in infer] == ["eager", "fast", "fast+bf16"]
     assert infer[1]["max_rel_diff"] < 1e-4        # the fast path keeps float32 outputs
+
+
+def test_bench_deform_conv_plumbing():
+    """``qdet bench deform-conv``'s functions at tiny shapes: every op measured, ratios
+    against torchvision's row, and Dynamic DETR built with either op."""
+    from qdet.bench import bench_deform_conv, bench_dynamic_detr
+
+    rows = bench_deform_conv(repeat=1, shapes={"tiny": (2, 8, 6, 7)})
+    assert [r["backend"] for r in rows] == ["torchvision", "torch", "numba", "numba bf16"]
+    assert rows[0]["forward_backward_speedup"] == rows[0]["memory_ratio"] == 1.0
+    assert all(r["forward_s"] > 0 and r["forward_backward_peak_mib"] >= 0 for r in rows)
+    dyn = bench_dynamic_detr(repeat=1, size=(64, 64), train=False,
+                             overrides={a: TINY[a] for a in ("dynamic", "deformable")})
+    assert [(r["arch"], r["op"]) for r in dyn["inference"]] == [
+        ("dynamic", "torchvision"), ("dynamic", "qdet"), ("deformable", "-")]
