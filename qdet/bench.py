@@ -157,51 +157,82 @@ def mmap_large_allocations() -> None:
     """Make glibc serve every allocation above 64 KiB by mmap and give it back on free, so
     that a CPU peak (:func:`peak_memory_mib`) counts what is alive at the peak, not what
     malloc kept from earlier calls (its high-water mark otherwise moves by tens of MiB from
-    run to run). It slows later allocations: call it after the timings."""
+    run to run). It slows every later allocation, so it is for a process that only
+    measures memory."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)      # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 
 
+def deform_conv_step(shape, device, backend: str, bf16: bool, grad: bool = True):
+    """A call of the deformable convolution at ``shape`` (see :data:`DEFORM_CONV_SHAPES`):
+    forward (no grad) or forward+backward, optionally under bfloat16 autocast."""
+    from .deform_conv import deform_conv2d
+
+    dev = torch.device(device)
+    tensors = deform_conv_inputs(shape, dev)
+
+    def step():
+        with torch.set_grad_enabled(grad):
+            ts = [t.detach().requires_grad_(grad) for t in tensors]
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                out = deform_conv2d(*ts, padding=1, backend=backend)
+            if not grad:
+                return out
+            out.float().backward(torch.ones_like(out, dtype=torch.float32))
+            return [t.grad for t in ts]
+    return step
+
+
+_PEAK_IN_FRESH_PROCESS = """
+import json, sys
+from qdet.bench import deform_conv_step, mmap_large_allocations, peak_memory_mib
+mmap_large_allocations()
+import torch
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"])
+step = deform_conv_step(a["shape"], "cpu", a["backend"], a["bf16"])
+step()   # the first call allocates once-only buffers (Numba's, oneDNN's)
+print(json.dumps(peak_memory_mib(step, torch.device("cpu"))))
+"""
+
+
+def _deform_conv_peak(shape, device, backend: str, bf16: bool) -> float:
+    """Peak memory of forward+backward: on the CPU in a fresh process that only measures
+    memory (:func:`mmap_large_allocations`), on a GPU by the allocator's own peak."""
+    import json
+    import subprocess
+    import sys
+
+    if torch.device(device).type != "cpu":
+        return peak_memory_mib(deform_conv_step(shape, device, backend, bf16),
+                               torch.device(device))
+    args = json.dumps({"shape": list(shape), "backend": backend, "bf16": bf16,
+                       "threads": torch.get_num_threads()})
+    proc = subprocess.run([sys.executable, "-c", _PEAK_IN_FRESH_PROCESS, args],
+                          capture_output=True, text=True, check=True)
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
 def bench_deform_conv(device: str = "cpu", repeat: int = 3, shapes=None) -> list[dict]:
     """Forward and forward+backward time and peak memory of the modulated deformable
     convolution at Dynamic DETR's shapes: torchvision's op (the baseline), the torch
-    reference, qdet's kernels in float32 and under bfloat16 autocast. Every time is taken
-    before any memory is measured (see :func:`mmap_large_allocations`)."""
-    from .deform_conv import deform_conv2d
-
+    reference, qdet's kernels in float32 and under bfloat16 autocast."""
     dev = torch.device(device)
     kernel = "numba" if dev.type == "cpu" else "cuda"
     variants = [("torchvision", "torchvision", False), ("torch", "torch", False),
                 (kernel, kernel, False), (f"{kernel} bf16", kernel, True)]
-    cases = []
-    for name, shape in (shapes or DEFORM_CONV_SHAPES).items():
-        tensors = deform_conv_inputs(shape, dev)
-        for label, backend, bf16 in variants:
-            def run(grad: bool, tensors=tensors, backend=backend, bf16=bf16):
-                ts = [t.detach().requires_grad_(grad) for t in tensors]
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    out = deform_conv2d(*ts, padding=1, backend=backend)
-                if grad:
-                    out.float().backward(torch.ones_like(out, dtype=torch.float32))
-                    return [t.grad for t in ts]
-                return out
-
-            def fwd(run=run):
-                with torch.no_grad():
-                    return run(False)
-
-            cases.append(({"shape": name, "backend": label}, fwd, lambda run=run: run(True)))
     rows = []
-    for row, fwd, fwd_bwd in cases:
-        rows.append(dict(row, forward_s=time_it(fwd, dev, repeat),
-                         forward_backward_s=time_it(fwd_bwd, dev, repeat)))
-    if dev.type == "cpu":
-        mmap_large_allocations()
-    for row, (_, _, fwd_bwd) in zip(rows, cases):
-        fwd_bwd()   # first calls allocate once-only buffers (Numba's, oneDNN's)
-        row["forward_backward_peak_mib"] = peak_memory_mib(fwd_bwd, dev)
+    for name, shape in (shapes or DEFORM_CONV_SHAPES).items():
+        for label, backend, bf16 in variants:
+            rows.append({
+                "shape": name, "backend": label,
+                "forward_s": time_it(deform_conv_step(shape, dev, backend, bf16, False), dev,
+                                     repeat),
+                "forward_backward_s": time_it(deform_conv_step(shape, dev, backend, bf16),
+                                              dev, repeat),
+                "forward_backward_peak_mib": _deform_conv_peak(shape, dev, backend, bf16)})
     for row in rows:  # ratios against torchvision's op at the same shape
         ref = next(r for r in rows if r["shape"] == row["shape"]
                    and r["backend"] == "torchvision")

@@ -10,7 +10,8 @@ https://arxiv.org/abs/2011.12450, Sec. 3.3-3.4).
   (``DynamicConv``). Before that, self-attention among the proposals; after it, an FFN,
   then class and box-delta branches. Boxes are refined at every stage and detached between
   stages.
-- RoIAlign is torchvision.ops.roi_align with ``aligned=True`` and detectron2's level rule
+- RoIAlign is torchvision's ``roi_align`` (computed by ``qdet.roi_align``'s Numba kernel on the
+  CPU) with ``aligned=True`` and detectron2's level rule
   (floor(4 + log2(size / 224 + 1e-8)), clamped to the pyramid). torchvision's
   MultiScaleRoIAlign uses aligned=False and puts the epsilon outside the log, so it would not
   reproduce the official checkpoints.
@@ -27,9 +28,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, roi_align
+from torchvision.ops import box_convert
 
 from .base import batch_images, exporting, layer_outputs
+from .roi_align import prepare_map, roi_align
 
 
 def roi_levels(boxes: Tensor, first_level: int, num_levels: int) -> Tensor:
@@ -53,7 +55,9 @@ def roi_pool(features: list[Tensor], boxes: list[Tensor] | Tensor, resolution: i
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1)
                           for i, b in enumerate(boxes)])
     level = roi_levels(rois[:, 1:], first_level, len(features))
-    out = rois.new_zeros(rois.shape[0], features[0].shape[1], resolution, resolution)
+    # channels last, as qdet's kernel returns it ([K, r, r, C] in memory)
+    out = rois.new_zeros(rois.shape[0], resolution, resolution,
+                         features[0].shape[1]).permute(0, 3, 1, 2)
     for i, feat in enumerate(features):
         lvl = first_level + i
         if exporting():
@@ -211,9 +215,8 @@ def decode_proposals(head: DynamicHead, proposal_features: Tensor, proposal_boxe
     """Run the learned proposals (``[P, d]`` features, ``[P, 4]`` normalized cx,cy,w,h
     boxes) through ``head`` over the pyramid ``features`` of images of ``sizes`` ``[N, 4]``
     (w, h, w, h); returns the output contract (normalized cx, cy, w, h boxes)."""
-    # torchvision's CPU roi_align makes its input contiguous on every call: do it once here
-    # for all stages (the fast path runs the pyramid channels_last)
-    features = [f.contiguous() for f in features]
+    # every stage pools the same maps: convert them once to what roi_align reads
+    features = [prepare_map(f) for f in features]
     init = box_convert(proposal_boxes, "cxcywh", "xyxy")
     boxes = init[None] * sizes[:, None]                                         # absolute
     query = proposal_features[None].expand(sizes.shape[0], -1, -1)

@@ -18,7 +18,8 @@ PACKAGE = Path(qdet.__file__).parent
 METHODS = {path.rsplit(".", 1)[1] for path in ARCHS.values()}
 # what a method file may be built from (a new shared block is added here on purpose)
 SHARED = {"base", "backbone", "position_encoding", "deform_attn", "deform_attn_kernels",
-          "deform_conv", "deform_conv_kernels", "layers", "dynamic_head"}
+          "deform_conv", "deform_conv_kernels", "roi_align", "roi_align_kernels", "layers",
+          "dynamic_head"}
 
 
 def qdet_imports(name: str, top_level_only: bool = False) -> set[str]:
