@@ -245,20 +245,24 @@ def bench_deform_conv(device: str = "cpu", repeat: int = 3, shapes=None) -> list
 def bench_dynamic_detr(device: str = "cpu", repeat: int = 3,
                        size: tuple[int, int] = (800, 1066), train: bool = True,
                        overrides: dict | None = None) -> dict:
-    """What the deformable convolution buys Dynamic DETR, in one process: inference of the
-    paper configuration on the fast path in bfloat16 with torchvision's op and with qdet's,
-    beside Deformable DETR's, and a training step of the built-in preset (eager float32,
-    and bf16 + channels_last as ``qdet train`` runs it) with each op. ``overrides`` maps an
-    architecture to changes of its paper configuration."""
+    """What qdet's kernels buy Dynamic DETR, in one process: inference of the paper
+    configuration on the fast path in bfloat16 with torchvision's deformable convolution and
+    RoIAlign (as before qdet had its own) and with qdet's, beside Deformable DETR's; and a
+    training step of the built-in preset (eager float32, and bf16 + channels_last as
+    ``qdet train`` runs it) with each. ``overrides`` maps an architecture to changes of its
+    paper configuration."""
     from .deform_conv import DeformConv2d
+    from .dynamic_head import RCNNHead
 
-    def torchvision_op(model):
+    def torchvision_ops(model):
         for module in model.modules():
             if isinstance(module, DeformConv2d):
                 module.backend = "torchvision"
+            if isinstance(module, RCNNHead):
+                module.pool_backend = "torchvision"
 
     infer, steps = [], []
-    for arch, op, prepare in (("dynamic", "torchvision", torchvision_op),
+    for arch, op, prepare in (("dynamic", "torchvision", torchvision_ops),
                               ("dynamic", "qdet", None), ("deformable", "-", None)):
         for row in bench_inference(arch, device, size, 1, repeat, modes=("fast+bf16",),
                                    prepare=prepare, overrides=(overrides or {}).get(arch)):

@@ -47,7 +47,8 @@ def bench_deform_conv_cmd(
     repeat: Repeat = 3,
     models: Annotated[bool, typer.Option(help="Also time Dynamic DETR (inference at 800x1066 "
                                          "beside Deformable DETR, and a training step of "
-                                         "the built-in preset) with torchvision's op and "
+                                         "the built-in preset) with torchvision's "
+                                         "deformable convolution and RoIAlign, and with "
                                          "qdet's.")] = True,
     as_json: AsJson = False,
 ):
@@ -77,12 +78,12 @@ def bench_deform_conv_cmd(
         return
     console.print(rows_table(
         f"inference at 800x1066, fast path + bf16, {machine}",
-        ("arch", "deform conv", "ms", "peak MiB", "speed x"),
+        ("arch", "kernels", "ms", "peak MiB", "speed x"),
         [(r["arch"], r["op"], f"{r['seconds'] * 1e3:.0f}", f"{r['peak_mib']:.0f}",
           f"{r['speedup']:.2f}") for r in dyn["inference"]]))
     console.print(rows_table(
         f"training step, built-in preset, batch 16 at 128 px, {machine}",
-        ("arch", "mode", "deform conv", "ms", "peak MiB", "speed x"),
+        ("arch", "mode", "kernels", "ms", "peak MiB", "speed x"),
         [(r["arch"], r["mode"], r["op"], f"{r['seconds'] * 1e3:.0f}", f"{r['peak_mib']:.0f}",
           f"{r['speedup']:.2f}") for r in dyn["training"]]))
 

@@ -43,10 +43,11 @@ def roi_levels(boxes: Tensor, first_level: int, num_levels: int) -> Tensor:
 
 
 def roi_pool(features: list[Tensor], boxes: list[Tensor] | Tensor, resolution: int,
-             first_level: int = 2) -> Tensor:
+             first_level: int = 2, backend: str | None = None) -> Tensor:
     """RoIAlign of absolute xyxy boxes (one ``[P_i,4]`` per image, or ``[N,P,4]``) from a
     pyramid whose first map has stride 2**first_level (P2..P5 here), each box from the level
-    its size assigns (``roi_levels``). Returns ``[sum(boxes), C, r, r]``."""
+    its size assigns (``roi_levels``); ``backend`` as :func:`qdet.roi_align.roi_align`'s.
+    Returns ``[sum(boxes), C, r, r]``."""
     if isinstance(boxes, Tensor):  # the image index of every box, without a loop over images
         n, p, _ = boxes.shape
         idx = torch.arange(n, dtype=boxes.dtype, device=boxes.device)[:, None, None]
@@ -63,18 +64,19 @@ def roi_pool(features: list[Tensor], boxes: list[Tensor] | Tensor, resolution: i
         if exporting():
             # no shape that depends on the data (ONNX's scatter fails on an empty level):
             # every box pooled at every level, each keeping its own level's (the same values)
-            pooled = _align(feat, rois, resolution, lvl).to(out.dtype)
+            pooled = _align(feat, rois, resolution, lvl, backend).to(out.dtype)
             out = torch.where((level == lvl)[:, None, None, None], pooled, out)
             continue
         idx = torch.nonzero(level == lvl).squeeze(1)
         if idx.numel():
-            out[idx] = _align(feat, rois[idx], resolution, lvl).to(out.dtype)
+            out[idx] = _align(feat, rois[idx], resolution, lvl, backend).to(out.dtype)
     return out
 
 
-def _align(feat: Tensor, rois: Tensor, resolution: int, level: int) -> Tensor:
+def _align(feat: Tensor, rois: Tensor, resolution: int, level: int,
+           backend: str | None) -> Tensor:
     return roi_align(feat, rois, resolution, spatial_scale=1 / 2 ** level, sampling_ratio=2,
-                     aligned=True)
+                     aligned=True, backend=backend)
 
 
 class DynamicConv(nn.Module):
@@ -139,11 +141,13 @@ class RCNNHead(nn.Module):
         self.class_logits = nn.Linear(d, num_classes)
         self.bboxes_delta = nn.Linear(d, 4)
         self.resolution = resolution
+        self.pool_backend: str | None = None     # roi_align's default for the device
 
     def forward(self, features, boxes: Tensor, query: Tensor):
         """boxes ``[N,P,4]`` absolute xyxy, query ``[N,P,d]`` -> logits, boxes, query."""
         n, p, d = query.shape
-        roi = roi_pool(features, boxes, self.resolution, self.first_level)        # [N*P,d,r,r]
+        roi = roi_pool(features, boxes, self.resolution, self.first_level,
+                       self.pool_backend)                                       # [N*P,d,r,r]
         roi = roi.flatten(2).transpose(1, 2)                                    # [N*P,r*r,d]
         query = self.norm1(query + self.dropout1(self.self_attn(query, query, query,
                                                                 need_weights=False)[0]))
