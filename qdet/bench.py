@@ -252,13 +252,13 @@ def bench_dynamic_detr(device: str = "cpu", repeat: int = 3,
     ``qdet train`` runs it) with each. ``overrides`` maps an architecture to changes of its
     paper configuration."""
     from .deform_conv import DeformConv2d
-    from .dynamic_head import RCNNHead
+    from .dynamic_head import DynamicHead
 
     def torchvision_ops(model):
         for module in model.modules():
             if isinstance(module, DeformConv2d):
                 module.backend = "torchvision"
-            if isinstance(module, RCNNHead):
+            if isinstance(module, DynamicHead):
                 module.pool_backend = "torchvision"
 
     infer, steps = [], []

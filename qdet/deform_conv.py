@@ -7,7 +7,10 @@ CPU kernel reads out of bounds there).
 
 The op is two steps: bilinear sampling of every tap into columns ``[N, C*K, Hout*Wout]``
 with the mask folded in, then one matrix product with the weight ``[Cout, C/groups*K]``
-(which carries nearly all the arithmetic), plus the bias. Three backends sample:
+(which carries nearly all the arithmetic), plus the bias. The kernel backends take the
+channels in blocks (``COLUMNS_BUDGET`` bytes of sampled columns per block) and sample
+each block again in the backward rather than keeping its columns, so a training step holds
+no more memory than torchvision's op (``qdet bench deform-conv``). Three backends sample:
 
 - ``torch``: a gather formulation in plain PyTorch, differentiated by autograd (reference);
 - ``numba``: fused CPU kernels, forward and backward, deterministic;
@@ -86,7 +89,7 @@ def im2col_torch(x: Tensor, offset: Tensor, mask: Tensor, geo) -> Tensor:
 
 # ----------------------------------------------------- one op, two kernel backends
 
-COLUMNS_BUDGET = 16 * 2**20   # bytes of sampled columns alive at once (kernel backends)
+COLUMNS_BUDGET = 16 * 2**20   # bytes of sampled columns per channel block (kernel backends)
 
 
 def _im2col(x: Tensor, offset: Tensor, mask: Tensor, geo, backend: str) -> Tensor:
@@ -105,9 +108,10 @@ def _im2col_backward(gcols: Tensor, x: Tensor, offset: Tensor, mask: Tensor, geo
 
 
 def channel_blocks(x: Tensor, offset_groups: int, groups: int, k: int, p: int):
-    """Blocks of input channels sampled and multiplied together, so that at most about
-    ``COLUMNS_BUDGET`` bytes of columns exist at once (more only when one channel alone
-    needs more). A block lies inside one offset group and one convolution group: yields
+    """Blocks of input channels sampled and multiplied together, each with at most
+    ``COLUMNS_BUDGET`` bytes of columns (more only when one channel alone needs more; its
+    low-precision copy and gradient come on top). A block lies inside one offset group and
+    one convolution group: yields
     ``(c0, c1, offset group, convolution group)``."""
     n, c = x.shape[:2]
     step = math.gcd(c // offset_groups, c // groups)
@@ -127,20 +131,27 @@ def _block_inputs(x, offset, mask, c0, c1, og, k):
             mask[:, og * k:(og + 1) * k].contiguous())
 
 
+def _sizes(x, offset, mask, weight, geo, mm):
+    """Taps, images, output pixels, output channels, input and output channels per
+    convolution group, groups, offset groups, the product's dtype and the weight as the
+    ``[Cout, Cin/groups * K]`` matrix in it."""
+    k = geo[0] * geo[1]
+    cout, cin_g = weight.shape[:2]
+    groups = x.shape[1] // cin_g
+    mm_dtype = getattr(torch, mm)
+    return (k, x.shape[0], mask.shape[-2] * mask.shape[-1], cout, cin_g, cout // groups,
+            groups, offset.shape[1] // (2 * k), mm_dtype,
+            weight.to(mm_dtype).reshape(cout, cin_g * k))
+
+
 @torch.library.custom_op("qdet::deform_conv2d", mutates_args=())
 def _fused(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor],
            geo: list[int], backend: str, mm: str) -> Tensor:
     """Sampling and weight product block by block of channels (``channel_blocks``), the
     products summed in the sampling dtype; out ``[N, Cout, Hout, Wout]`` in x's dtype."""
-    k, wo = geo[0] * geo[1], geo[8]
-    n, c = x.shape[:2]
-    cout, cin_g = weight.shape[:2]
-    groups, og = c // cin_g, offset.shape[1] // (2 * k)
-    p = mask.shape[-2] * mask.shape[-1]
-    mm_dtype = getattr(torch, mm)
-    wmat = weight.to(mm_dtype).reshape(cout, cin_g * k)
+    k, n, p, cout, cin_g, cout_g, groups, og, mm_dtype, wmat = _sizes(x, offset, mask, weight,
+                                                                      geo, mm)
     out = x.new_zeros(n, cout, p)
-    cout_g = cout // groups
     for c0, c1, g, grp in channel_blocks(x, og, groups, k, p):
         cols = _im2col(*_block_inputs(x, offset, mask, c0, c1, g, k), geo, backend)
         w0 = (c0 - grp * cin_g) * k
@@ -150,7 +161,7 @@ def _fused(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Option
         out[:, grp * cout_g:(grp + 1) * cout_g] += part
     if bias is not None:
         out += bias.to(out.dtype).view(1, cout, 1)
-    return out.view(n, cout, p // wo, wo)
+    return out.view(n, cout, p // geo[8], geo[8])
 
 
 @_fused.register_fake
@@ -165,17 +176,11 @@ def _fused_backward(grad: Tensor, x: Tensor, offset: Tensor, mask: Tensor, weigh
     """Gradients of x, offset, mask and weight. Each block's columns are sampled again
     rather than kept from the forward (as torchvision's op does), so a training step holds
     no more columns than the forward did."""
-    k = geo[0] * geo[1]
-    n, c = x.shape[:2]
-    cout, cin_g = weight.shape[:2]
-    groups, og = c // cin_g, offset.shape[1] // (2 * k)
-    p = mask.shape[-2] * mask.shape[-1]
-    mm_dtype = getattr(torch, mm)
-    wmat = weight.to(mm_dtype).reshape(cout, cin_g * k)
+    k, n, p, cout, cin_g, cout_g, groups, og, mm_dtype, wmat = _sizes(x, offset, mask, weight,
+                                                                      geo, mm)
     gout = grad.reshape(n, cout, p).to(mm_dtype)
     gx, goff, gmask = torch.empty_like(x), torch.zeros_like(offset), torch.zeros_like(mask)
     gw = torch.zeros(cout, cin_g * k, dtype=x.dtype, device=x.device)
-    cout_g = cout // groups
     for c0, c1, g, grp in channel_blocks(x, og, groups, k, p):
         xb, ob, mb = _block_inputs(x, offset, mask, c0, c1, g, k)
         rows, w0 = slice(grp * cout_g, (grp + 1) * cout_g), (c0 - grp * cin_g) * k
@@ -198,7 +203,7 @@ def _fused_backward(grad: Tensor, x: Tensor, offset: Tensor, mask: Tensor, weigh
 @_fused_backward.register_fake
 def _(grad, x, offset, mask, weight, geo, backend, mm):
     return (torch.empty_like(x), torch.empty_like(offset), torch.empty_like(mask),
-            torch.empty_like(weight))
+            weight.new_empty(weight.shape))           # contiguous, as the real one
 
 
 def _setup(ctx, inputs, output):
@@ -267,7 +272,8 @@ def deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
         mm_dtype: the weight product's dtype; default :func:`matmul_dtype`.
     Returns:
         ``[N, Cout, Hout, Wout]``, in the low-precision dtype under autocast or for such
-        an input, else in the sampling dtype.
+        an input, else in the sampling dtype; always float32 with the ``torchvision``
+        backend and while exporting (torchvision's CPU kernel has no other).
     """
     if exporting() or backend == "torchvision":
         return deform_conv2d_torchvision(x, offset, mask, weight, bias, stride, padding,

@@ -5,18 +5,19 @@ Dai_Dynamic_DETR_End-to-End_Object_Detection_With_Dynamic_Attention_ICCV_2021_pa
 
 Design points and where they come from:
 - Dynamic encoder (Sec. 3.2): self-attention over the pyramid approximated by convolutions
-  with three kinds of attention, stacked in several blocks. Per level:
-  spatial attention = a modulated deformable convolution (``qdet.deform_conv``: 3x3,
-  torchvision's semantics, sampled by Numba kernels) whose offsets are estimated from that (middle) level and applied to it and
-  to its two neighbouring levels, resized to its size; scale attention = a squeeze-and-
-  excitation style weight per level term; representation attention = a dynamic ReLU (its
-  channel-wise coefficients generated from the pooled feature). The pyramid is an FPN
-  (5 levels, P3-P7, as in the paper's headline results).
-- Dynamic decoder (the section after 3.2): queries carry boxes (initialized to the whole image, as the
-  paper describes); each layer keeps query self-attention, pools every query's box from the
-  pyramid with RoIAlign, and replaces cross-attention by a dynamic interaction whose
-  parameters the query generates -- Sparse R-CNN's dynamic instance interaction, from
-  ``qdet.dynamic_head`` -- then refines the box. Boxes are detached between layers.
+  with three kinds of attention, stacked in several blocks. Per level: spatial attention =
+  a modulated deformable convolution (``qdet.deform_conv``: 3x3, torchvision's semantics,
+  sampled by Numba kernels) whose offsets are estimated from that (middle) level and
+  applied to it and to its two neighbouring levels, resized to its size; scale attention =
+  a squeeze-and-excitation style weight per level term; representation attention = a
+  dynamic ReLU (its channel-wise coefficients generated from the pooled feature). The
+  pyramid is an FPN (5 levels, P3-P7, as in the paper's headline results).
+- Dynamic decoder (the section after 3.2): queries carry boxes (initialized to the whole
+  image, as the paper describes); each layer keeps query self-attention, pools every
+  query's box from the pyramid with RoIAlign, and replaces cross-attention by a dynamic
+  interaction whose parameters the query generates -- Sparse R-CNN's dynamic instance
+  interaction, from ``qdet.dynamic_head`` -- then refines the box. Boxes are detached
+  between layers.
 - Set loss with Hungarian matching, focal class cost (the shared switch), L1 and GIoU,
   supervision of every decoder layer. The paper's headline schedule is 1x (12 epochs, lr
   drop at 11); its `paper` preset (``qdet.presets``) follows it.

@@ -141,13 +141,13 @@ class RCNNHead(nn.Module):
         self.class_logits = nn.Linear(d, num_classes)
         self.bboxes_delta = nn.Linear(d, 4)
         self.resolution = resolution
-        self.pool_backend: str | None = None     # roi_align's default for the device
 
-    def forward(self, features, boxes: Tensor, query: Tensor):
-        """boxes ``[N,P,4]`` absolute xyxy, query ``[N,P,d]`` -> logits, boxes, query."""
+    def forward(self, features, boxes: Tensor, query: Tensor, pool_backend: str | None = None):
+        """boxes ``[N,P,4]`` absolute xyxy, query ``[N,P,d]`` -> logits, boxes, query;
+        ``pool_backend`` as :func:`qdet.roi_align.roi_align`'s."""
         n, p, d = query.shape
         roi = roi_pool(features, boxes, self.resolution, self.first_level,
-                       self.pool_backend)                                       # [N*P,d,r,r]
+                       pool_backend)                                            # [N*P,d,r,r]
         roi = roi.flatten(2).transpose(1, 2)                                    # [N*P,r*r,d]
         query = self.norm1(query + self.dropout1(self.self_attn(query, query, query,
                                                                 need_weights=False)[0]))
@@ -170,6 +170,7 @@ class DynamicHead(nn.Module):
         """``stage``: the keyword arguments of every :class:`RCNNHead`."""
         super().__init__()
         self.head_series = nn.ModuleList(RCNNHead(**stage) for _ in range(num_stages))
+        self.pool_backend: str | None = None      # RoIAlign's: its default for the device
         prior = -math.log((1 - 0.01) / 0.01)
         for name, p in self.named_parameters():
             if p.dim() > 1:
@@ -179,9 +180,11 @@ class DynamicHead(nn.Module):
 
     def forward(self, features, boxes, query):
         """Returns per-stage logits ``[L,N,P,C]`` and absolute xyxy boxes ``[L,N,P,4]``."""
+        # every stage pools the same maps: convert them once to what RoIAlign reads
+        features = [prepare_map(f, self.pool_backend) for f in features]
         all_logits, all_boxes = [], []
         for head in self.head_series:
-            logits, boxes, query = head(features, boxes, query)
+            logits, boxes, query = head(features, boxes, query, self.pool_backend)
             all_logits.append(logits)
             all_boxes.append(boxes)
             boxes = boxes.detach()
@@ -219,8 +222,6 @@ def decode_proposals(head: DynamicHead, proposal_features: Tensor, proposal_boxe
     """Run the learned proposals (``[P, d]`` features, ``[P, 4]`` normalized cx,cy,w,h
     boxes) through ``head`` over the pyramid ``features`` of images of ``sizes`` ``[N, 4]``
     (w, h, w, h); returns the output contract (normalized cx, cy, w, h boxes)."""
-    # every stage pools the same maps: convert them once to what roi_align reads
-    features = [prepare_map(f) for f in features]
     init = box_convert(proposal_boxes, "cxcywh", "xyxy")
     boxes = init[None] * sizes[:, None]                                         # absolute
     query = proposal_features[None].expand(sizes.shape[0], -1, -1)

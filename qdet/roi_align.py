@@ -11,7 +11,7 @@ deterministic. The output is ``[K, C, PH, PW]`` in channels-last memory, so the 
 
 Backends: ``numba`` (CPU, default there) and ``torchvision`` (its op: GPUs, ONNX export,
 and the reference the tests compare with). Float64 inputs run in float64, others in
-float32 (as torchvision's autocast rule does); the result is in that dtype.
+float32 and are returned in their own dtype (torchvision's autocast rule).
 """
 from __future__ import annotations
 
@@ -63,11 +63,11 @@ def _backward(ctx, grad):
 _roi_align.register_autograd(_backward, setup_context=_setup)
 
 
-def prepare_map(x: Tensor) -> Tensor:
-    """``x`` in the dtype and memory layout that :func:`roi_align`'s default backend reads
-    (on the CPU float32 or float64, channels last; elsewhere contiguous), so that a map
+def prepare_map(x: Tensor, backend: str | None = None) -> Tensor:
+    """``x`` in the dtype and memory layout that :func:`roi_align` with ``backend`` reads
+    (numba: float32 or float64, channels last; torchvision: contiguous), so that a map
     pooled many times is converted once."""
-    if x.device.type != "cpu":
+    if _backend(x, backend) == "torchvision":
         return x.contiguous()
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.to(work).contiguous(memory_format=torch.channels_last)
@@ -81,23 +81,29 @@ def roi_align(x: Tensor, rois: Tensor, output_size: int | tuple[int, int],
     ``backend``: ``'numba'`` (default on the CPU) or ``'torchvision'`` (default elsewhere,
     and while exporting to ONNX)."""
     size = (output_size, output_size) if isinstance(output_size, int) else output_size
-    if backend is None:
-        backend = "numba" if x.device.type == "cpu" else "torchvision"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+    backend = _backend(x, backend)
     if backend == "torchvision" or exporting():
         return tv_roi_align(x, rois, size, spatial_scale, sampling_ratio, aligned)
-    if x.device.type != "cpu":
-        raise ValueError("the numba backend runs on the CPU; move the tensors or use "
-                         "'torchvision'")
+    if x.device.type != "cpu" or rois.device != x.device:
+        raise ValueError("the numba backend runs on the CPU (map and rois); move the tensors "
+                         "or use 'torchvision'")
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f"rois must be [K, 5] (image index, x1, y1, x2, y2), got "
                          f"{tuple(rois.shape)}")
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rois = rois.detach().to(work)                   # the dtype the kernel reads them in
     if rois.shape[0] and not (0 <= rois[:, 0].min() and rois[:, 0].max() < x.shape[0]):
         raise ValueError(f"rois name images outside the batch of {x.shape[0]}")
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
     nhwc = x.to(work).permute(0, 2, 3, 1).contiguous()     # free for a channels-last map
     with torch.autocast("cpu", enabled=False):
-        out = _roi_align(nhwc, rois.detach(), [int(size[0]), int(size[1])],
-                         float(spatial_scale), int(sampling_ratio), bool(aligned))
-    return out.permute(0, 3, 1, 2)
+        out = _roi_align(nhwc, rois, [int(size[0]), int(size[1])], float(spatial_scale),
+                         int(sampling_ratio), bool(aligned))
+    return out.permute(0, 3, 1, 2).to(x.dtype if x.dtype.is_floating_point else work)
+
+
+def _backend(x: Tensor, backend: str | None) -> str:
+    if backend is None:
+        return "numba" if x.device.type == "cpu" else "torchvision"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+    return backend

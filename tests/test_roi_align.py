@@ -43,6 +43,7 @@ def test_matches_torchvision(aligned, ratio, dtype, tol):
     rois[0, 1:] = torch.tensor([-30.0, -30.0, -10.0, -10.0])        # wholly off the map
     rois[1, 1:] = torch.tensor([0.0, 0.0, w / scale, h / scale])     # the whole map
     rois[2, 1:] = torch.tensor([20.0, 20.0, 20.0, 20.0])             # empty box
+    rois[3, 1:] = torch.tensor([90.0, 70.0, 10.0, 5.0])              # inverted box
     (ref, gref), (got, ggot) = both(x, rois, output_size=(7, 5), spatial_scale=scale,
                                     sampling_ratio=ratio, aligned=aligned)
     assert got.dtype == dtype and got.shape == ref.shape
@@ -58,9 +59,12 @@ def test_channels_last_input_bf16_and_empty():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     # channels-last output: the heads' flatten(2).transpose(1, 2) is contiguous
     assert out.flatten(2).transpose(1, 2).is_contiguous()
-    low = roi_align(x.bfloat16(), rois, 4, 0.5, 2, True)   # computed in float32, as autocast
-    assert low.dtype == torch.float32
-    torch.testing.assert_close(low, tv_roi_align(x.bfloat16().float(), rois, 4, 0.5, 2, True))
+    # bfloat16 computed in float32 and returned in bfloat16, as torchvision under autocast
+    low = roi_align(x.bfloat16(), rois, 4, 0.5, 2, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = tv_roi_align(x.bfloat16(), rois, 4, 0.5, 2, True)
+    assert low.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(low, want)
     assert roi_align(x, rois[:0], 4, 0.5, 2, True).shape == (0, 8, 4, 4)
 
 
