@@ -215,10 +215,11 @@ def _deform_conv_peak(shape, device, backend: str, bf16: bool) -> float:
     return float(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_deform_conv(device: str = "cpu", repeat: int = 3, shapes=None) -> list[dict]:
-    """Forward and forward+backward time and peak memory of the modulated deformable
-    convolution at Dynamic DETR's shapes: torchvision's op (the baseline), the torch
-    reference, qdet's kernels in float32 and under bfloat16 autocast."""
+def bench_deform_conv(device: str = "cpu", repeat: int = 3, shapes=None,
+                      memory: bool = True) -> list[dict]:
+    """Forward and forward+backward time and (with ``memory``) peak memory of the modulated
+    deformable convolution at Dynamic DETR's shapes: torchvision's op (the baseline), the
+    torch reference, qdet's kernels in float32 and under bfloat16 autocast."""
     dev = torch.device(device)
     kernel = "numba" if dev.type == "cpu" else "cuda"
     variants = [("torchvision", "torchvision", False), ("torch", "torch", False),
@@ -232,13 +233,15 @@ def bench_deform_conv(device: str = "cpu", repeat: int = 3, shapes=None) -> list
                                      repeat),
                 "forward_backward_s": time_it(deform_conv_step(shape, dev, backend, bf16),
                                               dev, repeat),
-                "forward_backward_peak_mib": _deform_conv_peak(shape, dev, backend, bf16)})
+                "forward_backward_peak_mib": (_deform_conv_peak(shape, dev, backend, bf16)
+                                              if memory else float("nan"))})
     for row in rows:  # ratios against torchvision's op at the same shape
         ref = next(r for r in rows if r["shape"] == row["shape"]
                    and r["backend"] == "torchvision")
         row["forward_speedup"] = ref["forward_s"] / row["forward_s"]
         row["forward_backward_speedup"] = ref["forward_backward_s"] / row["forward_backward_s"]
-        row["memory_ratio"] = row["forward_backward_peak_mib"] / ref["forward_backward_peak_mib"]
+        row["memory_ratio"] = (row["forward_backward_peak_mib"]
+                               / ref["forward_backward_peak_mib"])
     return rows
 
 
