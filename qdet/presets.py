@@ -90,8 +90,9 @@ PRESETS: dict[str, dict[str, Preset]] = {
         "paper": Preset(train=dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, batch_size=2,
                                    epochs=12, lr_drops=(11,), clip_max_norm=1.0,
                                    warmup_steps=1000)),
-        # One encoder block: torchvision's CPU deformable convolution (its backward above all)
-        # makes each block cost about as much as the rest of a training step.
+        # One encoder block, not the paper's six: with six (no residual connections, from
+        # scratch) AP after 500 steps was 0.004 against 0.13-0.18 with one, at 2.4x the
+        # time (README "Built-in presets").
         "shapes": Preset(
             model=dict(**FROM_SCRATCH, d_model=128, num_levels=3, enc_blocks=1, num_queries=20,
                        dec_layers=3, nheads=8, dim_feedforward=512, dim_dynamic=32),
