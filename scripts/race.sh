@@ -31,15 +31,15 @@ race() {  # NAME QDET-TRAIN-OPTIONS...
     qdet train "$@" --time "$MINUTES" --out "$ROOT/$name"
 }
 
-NAMES=(detr deformable deformable-two-stage conditional anchor sparse-rcnn efficient dynamic)
+NAMES=(detr deformable conditional anchor sparse-rcnn efficient dynamic deformable-two-stage)
 race detr --arch detr
 race deformable --arch deformable
-race deformable-two-stage --arch deformable --set with_box_refine=true --set two_stage=true
 race conditional --arch conditional
 race anchor --arch anchor
 race sparse-rcnn --arch sparse-rcnn
 race efficient --arch efficient
 race dynamic --arch dynamic
+race deformable-two-stage --arch deformable --set with_box_refine=true --set two_stage=true
 
 RUNS=("${NAMES[@]/#/$ROOT/}")
 qdet plot "${RUNS[@]}" --x time --metric AP --out docs/race_time.png
