@@ -55,7 +55,8 @@ def bench_deform_conv_cmd(
     """Modulated deformable convolution (Dynamic DETR's spatial attention): qdet's kernels
     against torchvision's deform_conv2d at the built-in preset's training shape and the
     paper's 800x1066 shape, forward and forward+backward, float32 and bf16."""
-    from .bench import bench_deform_conv, bench_dynamic_detr, machine_description
+    from .bench import machine_description
+    from .bench_deform_conv import bench_deform_conv, bench_dynamic_detr
 
     device = pick_device(device)
     rows = bench_deform_conv(device, repeat)
@@ -195,7 +196,8 @@ def bench_export_cmd(
     """ONNX export of each method's paper configuration (random weights): export time, file
     size, and inference at batch 1 in onnxruntime (CPU) against qdet's fast path in float32,
     in the same process."""
-    from .bench import bench_export, machine_description
+    from .bench import machine_description
+    from .bench_onnx import bench_export
     from .export_cli import parse_size
 
     h, w = parse_size(size)
@@ -226,7 +228,8 @@ def bench_deform_attn_onnx_cmd(repeat: Repeat = 5, as_json: AsJson = False):
     """Deformable attention in onnxruntime at Deformable DETR's 800x1066 shapes: the
     grid_sample formulations (levels stacked, levels summed: the one qdet exports) against a
     gather formulation, with qdet's Numba kernel in PyTorch for scale."""
-    from .bench import bench_deform_attn_onnx, machine_description
+    from .bench import machine_description
+    from .bench_onnx import bench_deform_attn_onnx
 
     rows = bench_deform_attn_onnx(repeat)
     machine = machine_description("cpu")

@@ -373,7 +373,7 @@ def test_cli_eval_of_onnx_equals_pt(trained_run, monkeypatch):
 
 def test_bench_export_plumbing():
     """The benchmark's plumbing (not its numbers), on a tiny model."""
-    from qdet.bench import bench_export
+    from qdet.bench_onnx import bench_export
 
     row = bench_export("deformable", (64, 64), repeat=1, overrides=TINY["deformable"])
     assert row["file_mb"] > 0 and row["export_s"] > 0 and row["onnxruntime_s"] > 0

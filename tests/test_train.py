@@ -274,7 +274,7 @@ def test_bench_commands_run_small():
 def test_bench_deform_conv_plumbing():
     """``qdet bench deform-conv``'s functions at tiny shapes: every op measured, ratios
     against torchvision's row, and Dynamic DETR built with either op."""
-    from qdet.bench import _deform_conv_peak, bench_deform_conv, bench_dynamic_detr
+    from qdet.bench_deform_conv import _deform_conv_peak, bench_deform_conv, bench_dynamic_detr
 
     rows = bench_deform_conv(repeat=1, shapes={"tiny": (2, 8, 6, 7)}, memory=False)
     assert [r["backend"] for r in rows] == ["torchvision", "torch", "numba", "numba bf16"]
