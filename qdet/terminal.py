@@ -54,10 +54,11 @@ Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N; defaul
 
 
 def rows_table(title: str, columns, rows) -> Table:
-    """A right-aligned table of already formatted rows."""
+    """A right-aligned table of already formatted rows; a cell too wide for a narrow
+    terminal folds onto a second line instead of being cut to '…'."""
     table = Table(title=title)
     for col in columns:
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for row in rows:
         table.add_row(*row)
     return table
