@@ -56,7 +56,7 @@ def bench_deform_conv_cmd(
     against torchvision's deform_conv2d at the built-in preset's training shape and the
     paper's 800x1066 shape, forward and forward+backward, float32 and bf16."""
     from .bench import machine_description
-    from .bench_deform_conv import bench_deform_conv, bench_dynamic_detr
+    from .bench_deform_conv import DEFORM_CONV_SHAPES, bench_deform_conv, bench_dynamic_detr
 
     device = pick_device(device)
     rows = bench_deform_conv(device, repeat)
@@ -65,14 +65,15 @@ def bench_deform_conv_cmd(
     if as_json:
         console.print_json(json.dumps({"machine": machine, "rows": rows, "models": dyn}))
         return
-    console.print(rows_table(
-        f"deform_conv2d 3x3, P3 of Dynamic DETR, {machine}",
-        ("shape", "op", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd x", "fwd+bwd x",
-         "memory x"),
-        [(r["shape"], r["backend"], f"{r['forward_s'] * 1e3:.1f}",
-          f"{r['forward_backward_s'] * 1e3:.1f}", f"{r['forward_backward_peak_mib']:.0f}",
-          f"{r['forward_speedup']:.2f}", f"{r['forward_backward_speedup']:.2f}",
-          f"{r['memory_ratio']:.2f}") for r in rows]))
+    for name, shape in DEFORM_CONV_SHAPES.items():   # a table per shape: fits 80 columns
+        console.print(rows_table(
+            f"deform_conv2d 3x3 at {name} {'x'.join(map(str, shape))} (N x C x H x W), "
+            f"{machine}",
+            ("op", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd x", "fwd+bwd x", "memory x"),
+            [(r["backend"], f"{r['forward_s'] * 1e3:.1f}",
+              f"{r['forward_backward_s'] * 1e3:.1f}", f"{r['forward_backward_peak_mib']:.0f}",
+              f"{r['forward_speedup']:.2f}", f"{r['forward_backward_speedup']:.2f}",
+              f"{r['memory_ratio']:.2f}") for r in rows if r["shape"] == name]))
     console.print("x: torchvision's time over this row's (higher is faster); memory x: peak "
                   "memory of forward+backward over torchvision's (lower is better)")
     if dyn is None:

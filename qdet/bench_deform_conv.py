@@ -11,8 +11,8 @@ from .bench import bench_inference, bench_training, peak_memory_mib, time_it
 
 # Dynamic DETR's largest deformable convolution (P3, 3x3, d -> d): the built-in preset's
 # training step (16 images of 128 px, d 128) and the paper's model at 800x1066 (d 256)
-DEFORM_CONV_SHAPES = {"preset (16x128x16x16)": (16, 128, 16, 16),
-                      "paper (1x256x100x134)": (1, 256, 100, 134)}
+# (N, C, H, W), named short so that the bench's table fits 80 columns
+DEFORM_CONV_SHAPES = {"preset": (16, 128, 16, 16), "paper": (1, 256, 100, 134)}
 
 
 def deform_conv_inputs(shape, device, spread: float = 2.0, seed: int = 0):
