@@ -162,6 +162,7 @@ def overlay(lines: list[tuple[str, list, list]], xlabel: str, ylabel: str, path:
     if ylabel.startswith("A"):
         ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # beside the axes, not over them: rising curves fill the corners a legend would take
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_title(title)
     _save(fig, path)
