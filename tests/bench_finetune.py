@@ -10,7 +10,7 @@
 3. The same short run on it twice, the built-in preset's recipe and budget for both: from
    the source's weights (`qdet train --weights`), and from scratch.
 It prints COCO AP / AP50 on the new data's validation split after every epoch for both, the
-transfer summary and the wall times, as a Markdown table for the README. ``--tiny`` runs
+transfer summary and the wall times, as a Markdown table for docs/weights.md. ``--tiny`` runs
 everything at a toy size, only to check that it works.
 """
 from __future__ import annotations
@@ -33,8 +33,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="toy sizes, to check the script")
     args = ap.parse_args()
 
-    from qdet.runs import fit
-    from qdet.shapes import ShapesConfig, write_coco
+    from qdet.data.shapes import ShapesConfig, write_coco
+    from qdet.engine.runs import fit
 
     out = Path(args.out)
     tiny = {"shapes.train_images": 32, "shapes.val_images": 8, "num_workers": 0,

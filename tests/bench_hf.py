@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import qdet  # noqa: E402
 from hf_convert import randomize_  # noqa: E402
+
+import qdet  # noqa: E402
 
 
 def build(arch: str):

@@ -1,6 +1,6 @@
 """Helpers for parity tests against HF transformers: a torchvision-shaped backbone in
 either HF flavour, random weights that exercise every parameter, saving a model folder, and
-comparing outputs. (The HF -> qdet mapping itself is the package's, ``qdet.hf_format``.)"""
+comparing outputs. (The HF -> qdet mapping itself is the package's, ``qdet.weights.hf_format``.)"""
 import re
 
 import pytest

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qdet
-from qdet.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from qdet.weights.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 
 
 class Evil:

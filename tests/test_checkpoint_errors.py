@@ -1,24 +1,33 @@
 """Checkpoints that cannot be used as they are (issue 18): truncated, from an unknown format
 version, or of a model whose classes differ from the evaluation data's (evaluated by class
 name where names match, and said; refused when none does). One line each."""
+import copy
 import json
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from qdet.checkpoint import (CheckpointError, model_checkpoint, model_from_checkpoint,
-                             read_checkpoint, save_checkpoint)
-from qdet.cli import app
-from qdet.data import AugmentConfig, CocoDataset
-from qdet.evaluation import coco_stats, match_classes, predict_dataset
-from qdet.registry import build_model
+from qdet.cli.app import app
+from qdet.data.datasets import CocoDataset
+from qdet.data.transforms import AugmentConfig
+from qdet.engine.evaluation import coco_stats, match_classes, predict_dataset
+from qdet.models.registry import build_model
+from qdet.weights.checkpoint import (
+    CheckpointError,
+    model_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from qdet.weights.loading import model_from_checkpoint
 
 from conftest import TINY
 
 
 @pytest.fixture(scope="module")
 def model():
+    torch.manual_seed(0)    # module-scoped: set up before the per-test seeding fixture
     m = build_model("detr", {**TINY["detr"], "num_classes": 3}).eval()
     m.category_ids, m.class_names = [1, 2, 3], ["cat", "dog", "fish"]
     m.preprocess = {"size": 32, "max_size": 64}
@@ -107,6 +116,24 @@ def test_same_classes_or_a_subset_are_silent(model, tmp_path):
     ds = dataset(tmp_path, [{"id": 2, "name": "dog"}, {"id": 1, "name": "cat"}])
     match = match_classes(model, ds)
     assert match.note is None and match.category_of == [1, 2, 3] and match.cat_ids is None
+
+
+def test_evaluation_and_fine_tuning_share_one_rule_for_a_class_name(model, tmp_path):
+    """"Dog" and "CAT" are the model's dog and cat, evaluated by id with nothing to say;
+    "gold-fish" and "Gold_Fish" are one class, as fine-tuning copies rows for them."""
+    from qdet.blocks.base import class_key
+    from qdet.weights.finetune import match_classes as finetune_match
+
+    ds = dataset(tmp_path, [{"id": 2, "name": "Dog"}, {"id": 1, "name": "CAT"}])
+    match = match_classes(model, ds)
+    assert match.note is None and match.category_of == [1, 2, 3]
+    renamed = copy.copy(model)
+    renamed.class_names = ["cat", "dog", "gold-fish"]
+    (tmp_path / "b").mkdir()
+    ds = dataset(tmp_path / "b", [{"id": 7, "name": "Gold_Fish"}, {"id": 8, "name": "cat"}])
+    assert match_classes(renamed, ds).category_of == [8, None, 7]
+    assert finetune_match(["cat", "dog", "gold-fish"], ["Gold_Fish", "cat"]) == [2, 0]
+    assert class_key("Gold_Fish") == class_key("gold-fish") == "gold fish"
 
 
 def test_eval_says_how_it_matched_or_refuses(model, weights, tmp_path):

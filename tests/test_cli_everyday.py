@@ -8,7 +8,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from qdet.cli import app
+from qdet.cli.app import app
 
 from conftest import TINY, TINY_SHAPES
 
@@ -87,7 +87,7 @@ def test_predict_finds_the_latest_run_by_best_or_last(run_dir, tmp_path, monkeyp
     best.pt is preferred."""
     _, run, _ = run_dir
     monkeypatch.chdir(tmp_path)
-    from qdet.shapes import ShapesConfig, render
+    from qdet.data.shapes import ShapesConfig, render
 
     render(ShapesConfig(image_size=64), "val", 0)[0].save(tmp_path / "photo.png")
     runner = CliRunner()

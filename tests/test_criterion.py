@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from qdet.criterion import SetCriterion
-from qdet.base import LossConfig
+from qdet.blocks.base import LossConfig
+from qdet.engine.criterion import SetCriterion
 
 
 def tiny_case(focal):

@@ -8,11 +8,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import qdet.plots
-from qdet.base import LossConfig
-from qdet.cli import app
-from qdet.run_log import load_run, read_metrics, run_labels
-from qdet.runs import fit
+import qdet.engine.plots
+from qdet.blocks.base import LossConfig
+from qdet.cli.app import app
+from qdet.engine.compare import load_run, run_labels
+from qdet.engine.run_folder import read_metrics
+from qdet.engine.runs import fit
 
 from conftest import TINY, TINY_SHAPES
 
@@ -115,7 +116,7 @@ def test_a_failing_figure_is_one_warning_not_a_failed_run(tmp_path, monkeypatch,
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts today")
 
-    monkeypatch.setattr(qdet.plots, "curves", broken)
+    monkeypatch.setattr(qdet.engine.plots, "curves", broken)
     train(tmp_path / "run", 1)
     assert len(csv_rows(tmp_path / "run")) == 1
     assert not (tmp_path / "run" / "curves.png").exists()

@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from qdet import shapes
-from qdet.data import (AugmentConfig, CocoDataset, DataError, ShapesDataset, augment,
-                       detr_resize_shape)
+from qdet.data import shapes
+from qdet.data.datasets import CocoDataset, ShapesDataset
+from qdet.data.errors import DataError
+from qdet.data.transforms import AugmentConfig, augment, detr_resize_shape
 
 
 def write_dataset(tmp_path, anns=None, images=None, categories=None, make_files=True):

@@ -11,8 +11,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from qdet.cli import app
-from qdet.data import AugmentConfig, CocoDataset, DataError, collate, validate_coco
+from qdet.cli.app import app
+from qdet.data.coco import validate_coco
+from qdet.data.datasets import CocoDataset, collate
+from qdet.data.errors import DataError
+from qdet.data.transforms import AugmentConfig
 
 
 def write(tmp_path, images=None, annotations=None, categories=None, files=None, raw=None):

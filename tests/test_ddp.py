@@ -4,9 +4,9 @@ import json
 import subprocess
 import sys
 
-from conftest import TINY
-
 import qdet
+
+from conftest import TINY
 
 
 def test_torchrun_two_processes(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import qdet
-from qdet.deform_attn import ms_deform_attn, ms_deform_attn_torch
+from qdet.ops.deform_attn import ms_deform_attn, ms_deform_attn_torch
 
 from conftest import run_under_cudasim
 
@@ -139,8 +139,8 @@ def test_numba_is_deterministic():
 CUDASIM = r"""
 import numpy as np, torch
 from numba import cuda
-from qdet.deform_attn import ms_deform_attn_torch
-from qdet.deform_attn_kernels import launch_backward, launch_forward, level_tables
+from qdet.ops.deform_attn import ms_deform_attn_torch
+from qdet.ops.deform_attn_kernels import launch_backward, launch_forward, level_tables
 torch.manual_seed(0)
 shapes = [(3, 4), (2, 2), (1, 1)]
 n, lq, m, d, p = 2, 3, 2, 3, 2
@@ -177,7 +177,7 @@ def test_value_gradient_chunking_matches():
     every split gives the same result, in both value layouts."""
     import numpy as np
 
-    from qdet import deform_attn_kernels as da
+    from qdet.ops import deform_attn_kernels as da
 
     for lq in (2, 40):  # 2 queries: caller's layout; 40: head-major copy
         value, loc, attn = inputs(n=1, lq=lq, m=2, d=6, shapes=[(3, 4), (2, 2)])

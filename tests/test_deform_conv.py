@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
-from qdet.deform_conv import DeformConv2d, deform_conv2d
+from qdet.ops.deform_conv import DeformConv2d, deform_conv2d
 
 from conftest import run_under_cudasim
 
@@ -78,7 +78,7 @@ def test_channel_blocks_sum_to_the_whole(monkeypatch, case):
     """With a columns budget of a few channels, the kernel backend samples and multiplies
     block by block (inside offset and convolution groups) and sums: still torchvision's
     result and gradients."""
-    import qdet.deform_conv as dc
+    import qdet.ops.deform_conv as dc
 
     tensors, geo = inputs(**case)
     n, c = tensors[0].shape[:2]
@@ -194,7 +194,7 @@ CUDASIM = r"""
 import numpy as np, torch
 from numba import cuda
 from torchvision.ops import deform_conv2d
-from qdet.deform_conv_kernels import geometry, launch_backward, launch_im2col
+from qdet.ops.deform_conv_kernels import geometry, launch_backward, launch_im2col
 torch.manual_seed(0)
 n, c, h, w, og, k = 2, 4, 3, 4, 2, 9
 x = torch.randn(n, c, h, w, dtype=torch.float64, requires_grad=True)

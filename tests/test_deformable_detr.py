@@ -4,13 +4,13 @@ random-weight model written with ``save_pretrained``, either backbone flavour, l
 box-refinement and two-stage variants; and the variants' structure."""
 import pytest
 import torch
+from hf_convert import assert_outputs_close, backbone_kwargs, randomize_, save_hf
 
 import qdet
-from qdet.base import batch_images
-from qdet.registry import build_model
+from qdet.blocks.base import batch_images
+from qdet.models.registry import build_model
 
 from conftest import TINY, random_images
-from hf_convert import assert_outputs_close, backbone_kwargs, randomize_, save_hf
 
 transformers = pytest.importorskip("transformers")
 

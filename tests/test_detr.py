@@ -1,8 +1,8 @@
 """DETR specifics: padding invariance of the transformer, options, torch.compile."""
 import torch
 
-from qdet.position_encoding import sine_position_embedding
-from qdet.registry import build_model
+from qdet.blocks.position_encoding import sine_position_embedding
+from qdet.models.registry import build_model
 
 from conftest import TINY, random_images
 

@@ -11,13 +11,13 @@ import argparse
 
 import pytest
 import torch
+from hf_convert import assert_outputs_close, backbone_kwargs, randomize_, save_hf
 
 import qdet
-from qdet.base import batch_images
-from qdet.hf_format import hf_to_official
+from qdet.blocks.base import batch_images
+from qdet.weights.hf_format import hf_to_official
 
 from conftest import random_images
-from hf_convert import assert_outputs_close, backbone_kwargs, randomize_, save_hf
 
 transformers = pytest.importorskip("transformers")
 

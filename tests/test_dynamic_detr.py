@@ -3,9 +3,9 @@ R-CNN's dynamic head over P3-P7."""
 import torch
 import torch.nn.functional as F
 
-from qdet.dynamic_detr import DyReLU, EncoderBlock
-from qdet.registry import build_model
-from qdet.dynamic_head import DynamicConv
+from qdet.blocks.dynamic_head import DynamicConv
+from qdet.models.dynamic_detr import DyReLU, EncoderBlock
+from qdet.models.registry import build_model
 
 from conftest import TINY, random_images
 

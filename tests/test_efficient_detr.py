@@ -3,8 +3,8 @@ the ablation switches, and the dense loss."""
 import pytest
 import torch
 
-from qdet.criterion import SetCriterion
-from qdet.registry import build_model
+from qdet.engine.criterion import SetCriterion
+from qdet.models.registry import build_model
 
 from conftest import TINY, random_images
 

@@ -5,6 +5,8 @@ model's; on every method, on the fast path, from the CLI."""
 import copy
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +14,17 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert, roi_align
 
 import qdet
-from qdet import deform_attn
-from qdet.explainer import (capture, conditional_terms, explain, masked_softmax, mha_terms,
-                          rcda_attention)
-from qdet.fast import optimize_for_inference
-from qdet.registry import build_model
+from qdet.blocks.fast import optimize_for_inference
+from qdet.models.registry import build_model
+from qdet.ops import deform_attn
+from qdet.tools.explain import explain
+from qdet.tools.explain_capture import (
+    capture,
+    conditional_terms,
+    masked_softmax,
+    mha_terms,
+    rcda_attention,
+)
 
 from conftest import TINY, random_images
 
@@ -337,7 +345,7 @@ def test_encoder_attention_of_one_position_is_the_encoders_own():
 def test_queries_layers_and_image_kinds(tmp_path):
     from PIL import Image
 
-    from qdet.data import eval_transform
+    from qdet.data.transforms import eval_transform
 
     model = make("conditional")
     model.preprocess = {"size": 64, "max_size": None}
@@ -375,8 +383,8 @@ def test_top_is_the_best_scoring_queries():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
-    from qdet.checkpoint import model_checkpoint, save_checkpoint
-    from qdet.shapes import ShapesConfig, render
+    from qdet.data.shapes import ShapesConfig, render
+    from qdet.weights.checkpoint import model_checkpoint, save_checkpoint
 
     tmp_path = tmp_path_factory.mktemp("explain_cli")
     paths = {}
@@ -394,7 +402,7 @@ def test_cli_writes_a_figure_and_json(tiny_checkpoints):
     from PIL import Image
     from typer.testing import CliRunner
 
-    from qdet.cli import app
+    from qdet.cli.app import app
 
     tmp, paths = tiny_checkpoints
     runner = CliRunner()
@@ -430,7 +438,7 @@ def test_cli_uses_the_latest_run_and_says_what_is_wrong(tiny_checkpoints, monkey
 
     from typer.testing import CliRunner
 
-    from qdet.cli import app
+    from qdet.cli.app import app
 
     tmp, paths = tiny_checkpoints
     tmp = tmp / "cwd"
@@ -463,9 +471,11 @@ def test_cli_uses_the_latest_run_and_says_what_is_wrong(tiny_checkpoints, monkey
 def test_report_measures_terms_and_spread_on_tiny_runs(tmp_path):
     from typer.testing import CliRunner
 
-    from qdet import explain_report
-    from qdet.checkpoint import model_checkpoint, save_checkpoint
-    from qdet.shapes import ShapesConfig, render
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from qdet.data.shapes import ShapesConfig, render
+    from qdet.weights.checkpoint import model_checkpoint, save_checkpoint
+
+    import explain_report  # scripts/explain_report.py: the README figure's script
 
     shapes = {"image_size": 64, "val_images": 1}
     runs = []
@@ -496,3 +506,41 @@ def test_report_measures_terms_and_spread_on_tiny_runs(tmp_path):
     assert out.is_file() and "| layer |" in out.with_suffix(".md").read_text()
     assert all((out.parent / f"explain-{a}.png").is_file() for a in ("detr", "deformable"))
     assert "where each term alone would look" in r.output
+
+
+def test_an_onnx_file_is_refused_in_one_line(tiny_checkpoints):
+    """``qdet explain --weights model.onnx`` (an OnnxDetector has no layers to hook) answers
+    in one line, from the CLI and from Python."""
+    from typer.testing import CliRunner
+
+    from qdet.cli.app import app
+
+    tmp, paths = tiny_checkpoints
+    onnx = tmp / "detr.onnx"
+    qdet.export(qdet.load(paths["detr"]), onnx, check=False)
+    r = CliRunner().invoke(app, ["explain", str(tmp / "photo.png"), "--weights", str(onnx)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines() == [
+        "error: explain needs the PyTorch model (it hooks its attention layers): pass the "
+        "checkpoint the ONNX file was exported from"]
+    with pytest.raises(ValueError, match="needs a PyTorch qdet model"):
+        qdet.explain(qdet.load(onnx), tmp / "photo.png")
+
+
+def test_layers_are_probed_by_argument_name(monkeypatch):
+    """Every argument the hooks read exists in the hooked forward's signature (a renamed
+    argument in a method file fails here, not silently in ``qdet explain``); arguments
+    passed by position or by keyword are read alike; a probe for a name that is gone is one
+    error naming the class and the name."""
+    from qdet.models.detr import DecoderLayer
+    from qdet.tools import explain_capture
+
+    explain_capture.check_probes()
+    layer = DecoderLayer(8, 2, 16, 0.0, False)
+    by_position = explain_capture.named(layer, (1, 2, 3, 4, 5), {})
+    by_keyword = explain_capture.named(layer, (1, 2), {"pos": 3, "query_pos": 4, "pad": 5})
+    assert by_position == by_keyword and by_position["query_pos"] == 4
+    monkeypatch.setattr(explain_capture, "probes", lambda: {DecoderLayer: ("query_position",)})
+    with pytest.raises(ValueError, match=r"qdet\.models\.detr\.DecoderLayer\.forward's "
+                                         r"argument\(s\) \['query_position'\]"):
+        explain_capture.check_probes()

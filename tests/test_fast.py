@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import qdet
-from qdet.checkpoint import model_checkpoint, save_checkpoint
-from qdet.fast import fold_batchnorm, optimize_for_inference
-from qdet.registry import build_model
+from qdet.blocks.fast import fold_batchnorm, optimize_for_inference
+from qdet.models.registry import build_model
+from qdet.weights.checkpoint import model_checkpoint, save_checkpoint
 
 from conftest import TINY, random_images
 

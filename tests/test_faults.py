@@ -15,11 +15,12 @@ import torch
 from typer.testing import CliRunner
 
 import qdet
-import qdet.checkpoint
-import qdet.engine
-from qdet.cli import app
-from qdet.data import ShapesDataset
-from qdet.runs import fit, run_folder
+import qdet.common.files
+import qdet.engine.trainer
+import qdet.weights.checkpoint
+from qdet.cli.app import app
+from qdet.data.datasets import ShapesDataset
+from qdet.engine.runs import fit, run_folder
 
 from conftest import TINY
 
@@ -69,8 +70,8 @@ def test_crashes_at_every_moment_resume_to_the_same_weights(straight, tmp_path, 
     epoch 2's second step, inside save_checkpoint between writing epoch 2's last.pt and
     renaming it, after last.pt but before its metrics line, and while evaluating epoch 3."""
     out = tmp_path / "split"
-    real_item, real_step = ShapesDataset.__getitem__, qdet.engine.train_step
-    real_replace, real_append = os.replace, qdet.engine.append_metrics
+    real_item, real_step = ShapesDataset.__getitem__, qdet.engine.trainer.train_step
+    real_replace, real_append = os.replace, qdet.engine.trainer.append_metrics
 
     def crashing(kind):
         def loading(self, index):
@@ -99,10 +100,10 @@ def test_crashes_at_every_moment_resume_to_the_same_weights(straight, tmp_path, 
         def evaluate(*args, **kwargs):
             raise Crash
         return {"data loading": (ShapesDataset, "__getitem__", loading),
-                "the step": (qdet.engine, "train_step", step),
-                "checkpoint writing": (qdet.checkpoint.os, "replace", replace),
-                "before the metrics line": (qdet.engine, "append_metrics", append),
-                "evaluation": (qdet.engine, "evaluate", evaluate)}[kind]
+                "the step": (qdet.engine.trainer, "train_step", step),
+                "checkpoint writing": (qdet.weights.checkpoint.os, "replace", replace),
+                "before the metrics line": (qdet.engine.trainer, "append_metrics", append),
+                "evaluation": (qdet.engine.trainer, "evaluate", evaluate)}[kind]
 
     saved_after = []
     for i, kind in enumerate(["data loading", "the step", "checkpoint writing",
@@ -125,11 +126,11 @@ def test_crashes_at_every_moment_resume_to_the_same_weights(straight, tmp_path, 
 KILLED = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-import qdet.checkpoint
-from qdet.runs import fit
+import qdet.weights.checkpoint
+from qdet.engine.runs import fit
 from test_faults import COMMON
 
-real = qdet.checkpoint.os.replace
+real = qdet.weights.checkpoint.os.replace
 seen = []
 
 def replace(src, dst):  # the temporary file is complete, the rename has not happened
@@ -139,7 +140,7 @@ def replace(src, dst):  # the temporary file is complete, the rename has not hap
             os.kill(os.getpid(), signal.SIGKILL)
     return real(src, dst)
 
-qdet.checkpoint.os.replace = replace
+qdet.weights.checkpoint.os.replace = replace
 fit("detr", out={out!r}, **COMMON)
 """
 
@@ -155,7 +156,7 @@ def test_kill_9_while_writing_a_checkpoint(straight, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
-    (stale,) = out.glob("last.pt.*.tmp")
+    (stale,) = out.glob(".last.pt.*.tmp")   # qdet.common.files names its temporaries
     assert stale.stat().st_size > 0
     fit("detr", out=str(out), resume=True, device="cpu")
     assert_same_run(straight, out)
@@ -173,18 +174,17 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
 def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
     """The third checkpoint file written (epoch 2's first) goes to /dev/full, so torch.save
     meets the kernel's ENOSPC: epoch 1's files survive and the error says the disk is full."""
-    real = os.fdopen
+    real = open
     opened = []
 
-    def fdopen(fd, mode="r", *args, **kwargs):
-        if mode == "wb":
-            opened.append(fd)
+    def fake_open(file, mode="r", *args, **kwargs):
+        if mode == "wb" and ".pt." in Path(file).name:   # a checkpoint's temporary file
+            opened.append(file)
             if len(opened) == 3:
-                os.close(fd)
-                return open("/dev/full", "wb")
-        return real(fd, mode, *args, **kwargs)
+                return real("/dev/full", "wb")
+        return real(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(qdet.checkpoint.os, "fdopen", fdopen)
+    monkeypatch.setattr(qdet.common.files, "open", fake_open, raising=False)
     out = tmp_path / "run"
     args = ["train", "--out", str(out), "--epochs", "2"]
     for k, v in {**TINY["detr"], **COMMON["train_overrides"], "epochs": 2}.items():

@@ -11,10 +11,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 import qdet
-from qdet.checkpoint import model_checkpoint, save_checkpoint
-from qdet.cli import app
-from qdet.finetune import class_head_modules, match_classes, normalize_name, transfer
-from qdet.registry import ARCHS, build_model
+from qdet.blocks.base import class_key
+from qdet.cli.app import app
+from qdet.models.registry import ARCHS, build_model
+from qdet.weights.checkpoint import model_checkpoint, save_checkpoint
+from qdet.weights.finetune import class_head_modules, match_classes, transfer
 
 from conftest import TINY, random_images
 
@@ -42,7 +43,7 @@ def randomize_heads(model):
 
 
 def test_names_match_case_and_separators():
-    assert normalize_name(" Traffic_Light ") == normalize_name("traffic-light") == "traffic light"
+    assert class_key(" Traffic_Light ") == class_key("traffic-light") == "traffic light"
     assert match_classes(["N/A", "person", "car"], ["Car", "n/a", "forklift"]) == [2, None, None]
 
 
@@ -125,7 +126,7 @@ def test_other_architecture_is_refused():
 def coco_dataset(tmp_path, categories):
     """A few built-in shapes images as COCO JSON, with the shapes' categories renamed and
     renumbered by ``categories`` [(id, name)] in the shapes' order."""
-    from qdet.shapes import ShapesConfig, write_coco
+    from qdet.data.shapes import ShapesConfig, write_coco
 
     written = write_coco(ShapesConfig(image_size=64, train_images=4, val_images=2), tmp_path)
     for split, ann in written.items():
@@ -225,8 +226,8 @@ def test_dataset_without_categories_says_what_to_do(source_checkpoint, tmp_path)
 
 def test_shapes_of_other_categories(tmp_path):
     """The data of the fine-tuning demonstration: other kinds drawn, named as asked."""
-    from qdet.data import ShapesDataset
-    from qdet.shapes import ShapesConfig, render
+    from qdet.data.datasets import ShapesDataset
+    from qdet.data.shapes import ShapesConfig, render
 
     kinds = ("rectangle", "hexagon", "ring", "diamond")
     cfg = ShapesConfig(image_size=64, categories=kinds)

@@ -8,7 +8,7 @@ the whole `qdet train` instead.
 Every case must end in one of two ways: it trains, or it stops with one `error:` line that
 names the annotation file (or the image) and the entry. Never a traceback, never a hang (each
 case has a time limit), never a file written outside the run folder (the whole tree is
-compared before and after). `python tests/test_fuzz_data.py` prints the table in the README.
+compared before and after). `python tests/test_fuzz_data.py` prints the table in docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -29,13 +29,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TINY  # noqa: E402
+from qdet.cli.app import app  # noqa: E402
+from qdet.data.datasets import CocoDataset  # noqa: E402
+from qdet.data.transforms import AugmentConfig
+from qdet.engine.config import TrainConfig
+from qdet.engine.faults import stopping_clearly  # noqa: E402
+from qdet.engine.optim import make_optimization
+from qdet.engine.trainer import epoch_loader, train_step  # noqa: E402
+from qdet.models.registry import build_model  # noqa: E402
 
-from qdet.cli import app  # noqa: E402
-from qdet.data import AugmentConfig, CocoDataset  # noqa: E402
-from qdet.engine import TrainConfig, epoch_loader, make_optimization, train_step  # noqa: E402
-from qdet.faults import stopping_clearly  # noqa: E402
-from qdet.registry import build_model  # noqa: E402
+from conftest import TINY  # noqa: E402
 
 CASES = 300
 SEED = 18

@@ -5,15 +5,14 @@ import json
 
 import pytest
 import torch
+from hf_convert import backbone_kwargs, randomize_, save_hf
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import qdet
-from qdet.checkpoint import CheckpointError
-from qdet.cli import app
-from qdet.hf_format import HFFormatError, hf_to_official
-
-from hf_convert import backbone_kwargs, randomize_, save_hf
+from qdet.cli.app import app
+from qdet.weights.checkpoint import CheckpointError
+from qdet.weights.hf_format import HFFormatError, hf_to_official
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,8 +59,12 @@ def test_weights_of_another_layout(tmp_path):
 @pytest.mark.parametrize("kind", ["conditional", "deformable-two-stage"])
 def test_both_generations_of_names_map_alike(kind, tmp_path):
     """transformers 5's in-memory names and the file names map to the same official dict."""
-    from transformers import (ConditionalDetrConfig, ConditionalDetrForObjectDetection,
-                              DeformableDetrConfig, DeformableDetrForObjectDetection)
+    from transformers import (
+        ConditionalDetrConfig,
+        ConditionalDetrForObjectDetection,
+        DeformableDetrConfig,
+        DeformableDetrForObjectDetection,
+    )
 
     common = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
@@ -89,7 +92,7 @@ def test_both_generations_of_names_map_alike(kind, tmp_path):
 def test_folder_as_predict_weights(tmp_path):
     from transformers import DetrConfig, DetrForObjectDetection
 
-    from qdet.shapes import ShapesConfig, render
+    from qdet.data.shapes import ShapesConfig, render
 
     torch.manual_seed(0)
     cfg = DetrConfig(**backbone_kwargs("hf-resnet", ["stage4"]), d_model=32, encoder_layers=1,

@@ -5,8 +5,8 @@ import torch
 from rich.console import Console
 from scipy.optimize import linear_sum_assignment
 
-from qdet.match_debug import debug_image, duplicates, explain, render
-from qdet.registry import build_model
+from qdet.models.registry import build_model
+from qdet.tools.match_debug import debug_image, duplicates, explain, render
 
 from conftest import TINY, random_images
 

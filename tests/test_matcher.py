@@ -5,8 +5,8 @@ import pytest
 import torch
 from torchvision.ops import box_convert, generalized_box_iou
 
-from qdet.base import LossConfig
-from qdet.matcher import HungarianMatcher
+from qdet.blocks.base import LossConfig
+from qdet.engine.matcher import HungarianMatcher
 
 
 def random_case(b, q, c, sizes, seed, focal):

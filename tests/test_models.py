@@ -3,9 +3,10 @@ import pytest
 import torch
 
 import qdet
-from qdet.base import batch_images
-from qdet.checkpoint import model_checkpoint, model_from_checkpoint
-from qdet.registry import ARCHS, build_model
+from qdet.blocks.base import batch_images
+from qdet.models.registry import ARCHS, build_model
+from qdet.weights.checkpoint import model_checkpoint
+from qdet.weights.loading import model_from_checkpoint
 
 from conftest import TINY, random_images
 
@@ -55,7 +56,7 @@ def test_batch_elements_are_independent(model):
 
 
 def test_backward_reaches_trainable_parameters(model):
-    from qdet.criterion import SetCriterion
+    from qdet.engine.criterion import SetCriterion
 
     model.train()
     side = 64
@@ -74,7 +75,7 @@ def test_backward_reaches_trainable_parameters(model):
 
 
 def test_checkpoint_round_trip(model, tmp_path):
-    from qdet.checkpoint import save_checkpoint
+    from qdet.weights.checkpoint import save_checkpoint
 
     model.class_names = [f"c{i}" for i in range(model.config.num_classes)]
     model.category_ids = [10 + i for i in range(model.config.num_classes)]

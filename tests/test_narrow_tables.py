@@ -8,13 +8,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from qdet.explainer import explain
-from qdet.explain_view import render as render_explain
-from qdet.match_debug import debug_image, duplicates
-from qdet.match_debug import explain as match_rows
-from qdet.match_debug import render as render_match
-from qdet.registry import build_model
-from qdet.terminal import detections_table
+from qdet.cli.predict import detections_table
+from qdet.models.registry import build_model
+from qdet.tools.explain import explain
+from qdet.tools.explain_view import render as render_explain
+from qdet.tools.match_debug import debug_image, duplicates
+from qdet.tools.match_debug import explain as match_rows
+from qdet.tools.match_debug import render as render_match
 
 from conftest import TINY
 
@@ -148,7 +148,7 @@ def test_predict_table_reads_at_narrow_widths(width):
 
 
 def test_predict_draws_small_images_enlarged():
-    from qdet.predict import draw_detections
+    from qdet.tools.draw import draw_detections
 
     img = Image.new("RGB", (64, 48), (0, 0, 0))
     det = [{"name": "star", "label": 0, "score": 0.9, "box": [10, 10, 30, 20]}]

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 import qdet
-import qdet.engine
-from qdet.base import LossConfig
-from qdet.criterion import SetCriterion
-from qdet.matcher import HungarianMatcher
-from qdet.runs import fit
+import qdet.engine.optim
+from qdet.blocks.base import LossConfig
+from qdet.engine.criterion import SetCriterion
+from qdet.engine.matcher import HungarianMatcher
+from qdet.engine.runs import fit
 
 from conftest import TINY
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,7 +75,7 @@ TRAIN = {"batch_size": 2, "num_workers": 0, "shapes.train_images": 4, "shapes.va
 
 
 def nan_lr_at(step_with_nan):
-    real = qdet.engine.lr_factor
+    real = qdet.engine.optim.lr_factor
 
     def lr_factor(cfg, steps_per_epoch):
         factor = real(cfg, steps_per_epoch)
@@ -104,7 +103,7 @@ def test_a_diverging_run_stops_at_its_step_and_keeps_the_checkpoint(arch, tmp_pa
     lr, so every weight is NaN and epoch 2, step 1 cannot match or lose: training stops
     there, saying so, and last.pt is epoch 1's, intact. (Every method's forward turns NaN
     weights into NaN outputs without crashing the process.)"""
-    monkeypatch.setattr(qdet.engine, "lr_factor", nan_lr_at(2))
+    monkeypatch.setattr(qdet.engine.optim, "lr_factor", nan_lr_at(2))
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError) as info:
         fit(arch, out=str(out), device="cpu", train_overrides=TRAIN, model_overrides=tiny(arch))
@@ -119,7 +118,7 @@ def test_a_diverging_run_stops_at_its_step_and_keeps_the_checkpoint(arch, tmp_pa
 def test_ruined_weights_are_never_saved(tmp_path, monkeypatch):
     """The NaN lr in the last step of epoch 2: every loss was finite, but the weights are
     not, so epoch 2 is not saved and last.pt stays epoch 1's."""
-    monkeypatch.setattr(qdet.engine, "lr_factor", nan_lr_at(3))
+    monkeypatch.setattr(qdet.engine.optim, "lr_factor", nan_lr_at(3))
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError) as info:
         fit("detr", out=str(out), device="cpu", train_overrides=TRAIN,
@@ -135,7 +134,7 @@ def test_a_nan_loss_term_is_named(tmp_path, monkeypatch):
     the term, the step and the lr, through the CLI as one line."""
     from typer.testing import CliRunner
 
-    from qdet.cli import app
+    from qdet.cli.app import app
 
     real = SetCriterion.forward
     calls = []

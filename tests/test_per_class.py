@@ -11,12 +11,18 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from typer.testing import CliRunner
 
-from qdet.cli import app
-from qdet.data import AugmentConfig, DetectionDataset
-from qdet.eval_report import (build_report, confusion_matrix, diagnose, per_class,
-                              write_report)
-from qdet.evaluation import coco_eval
-from qdet.runs import fit
+from qdet.cli.app import app
+from qdet.data.datasets import DetectionDataset
+from qdet.data.transforms import AugmentConfig
+from qdet.engine.eval_report import (
+    build_report,
+    confusion_matrix,
+    diagnose,
+    per_class,
+    write_report,
+)
+from qdet.engine.evaluation import coco_eval
+from qdet.engine.runs import fit
 
 from conftest import TINY
 
@@ -136,7 +142,7 @@ def test_report_files_on_the_hand_made_case(tmp_path):
 def test_class_table_fits_80_columns_even_with_long_names():
     from rich.console import Console
 
-    from qdet.eval_report import class_table
+    from qdet.engine.eval_report import class_table
 
     long = json.loads(json.dumps(GT))
     long["categories"][0]["name"] = "a category name far longer than any column could hold"

@@ -5,14 +5,14 @@ import json
 
 import pytest
 from PIL import Image
+from test_data_errors import huge_png
 from typer.testing import CliRunner
 
-from qdet.checkpoint import model_checkpoint, save_checkpoint
-from qdet.cli import app
-from qdet.registry import build_model
+from qdet.cli.app import app
+from qdet.models.registry import build_model
+from qdet.weights.checkpoint import model_checkpoint, save_checkpoint
 
 from conftest import TINY
-from test_data_errors import huge_png
 
 
 @pytest.fixture

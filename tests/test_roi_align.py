@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align as tv_roi_align
 
-from qdet.roi_align import roi_align
+from qdet.ops.roi_align import roi_align
 
 
 def boxes(k, n, h, w, scale, seed=0, beyond=0.3):

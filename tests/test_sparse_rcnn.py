@@ -7,8 +7,8 @@ import torch
 from torchvision.ops import roi_align
 
 import qdet
-from qdet.registry import build_model
-from qdet.dynamic_head import DynamicConv, apply_deltas, roi_pool
+from qdet.blocks.dynamic_head import DynamicConv, apply_deltas, roi_pool
+from qdet.models.registry import build_model
 
 from conftest import TINY, random_images
 

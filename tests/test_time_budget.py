@@ -7,12 +7,13 @@ import torch
 from typer.testing import CliRunner
 
 import qdet
-import qdet.budget
-import qdet.engine
-from qdet.budget import PassIndexed, StreamSampler, TimeConfig, part_bounds, plan
-from qdet.cli import app
-from qdet.engine import TrainConfig, lr_factor
-from qdet.runs import fit
+import qdet.engine.budget
+import qdet.engine.trainer
+from qdet.cli.app import app
+from qdet.engine.budget import PassIndexed, StreamSampler, TimeConfig, part_bounds, plan
+from qdet.engine.config import TrainConfig
+from qdet.engine.optim import lr_factor
+from qdet.engine.runs import fit
 
 from conftest import TINY, TINY_SHAPES
 
@@ -35,8 +36,8 @@ def test_plan_by_hand():
 
 def test_step_timer_leaves_out_the_first_quarter(monkeypatch):
     ticks = iter([0.0, 5.0, 6.0, 7.0, 8.0])          # the first step paid for a start-up
-    monkeypatch.setattr(qdet.budget, "clock", lambda: next(ticks))
-    timer = qdet.budget.StepTimer()
+    monkeypatch.setattr(qdet.engine.budget, "clock", lambda: next(ticks))
+    timer = qdet.engine.budget.StepTimer()
     for _ in range(4):
         timer.tick()
     assert timer.step_seconds() == pytest.approx(1.0)
@@ -87,8 +88,8 @@ def fake_clock(monkeypatch):
     """Time that moves only when a training step (STEP_S) or the evaluation probe
     (PROBE_S) runs."""
     clock = {"now": 0.0, "step": STEP_S}
-    monkeypatch.setattr(qdet.budget, "clock", lambda: clock["now"])
-    real_step, real_predict = qdet.engine.train_step, qdet.engine.predict_dataset
+    monkeypatch.setattr(qdet.engine.budget, "clock", lambda: clock["now"])
+    real_step, real_predict = qdet.engine.trainer.train_step, qdet.engine.trainer.predict_dataset
 
     def step(*args, **kwargs):
         clock["now"] += clock["step"]
@@ -98,8 +99,8 @@ def fake_clock(monkeypatch):
         clock["now"] += PROBE_S
         return real_predict(*args, **kwargs)
 
-    monkeypatch.setattr(qdet.engine, "train_step", step)
-    monkeypatch.setattr(qdet.engine, "predict_dataset", predict)
+    monkeypatch.setattr(qdet.engine.trainer, "train_step", step)
+    monkeypatch.setattr(qdet.engine.trainer, "predict_dataset", predict)
     return clock
 
 
@@ -131,17 +132,17 @@ def test_time_sets_steps_from_the_warm_up_and_resumes_exactly(tmp_path, fake_clo
     assert config["arch"] == "detr" and config["data"] == {"kind": "shapes"}
     # a run that crashes in part 3 and is resumed on a slower machine keeps its plan and
     # ends exactly where the uninterrupted one did
-    real_seed = qdet.engine.seed_everything
+    real_seed = qdet.engine.trainer.seed_everything
 
     def crash_in_part_3(seed):
         if seed >= 42 + 2000:
             raise KeyboardInterrupt
         real_seed(seed)
 
-    monkeypatch.setattr(qdet.engine, "seed_everything", crash_in_part_3)
+    monkeypatch.setattr(qdet.engine.trainer, "seed_everything", crash_in_part_3)
     with pytest.raises(KeyboardInterrupt):
         timed_run(tmp_path / "split")
-    monkeypatch.setattr(qdet.engine, "seed_everything", real_seed)
+    monkeypatch.setattr(qdet.engine.trainer, "seed_everything", real_seed)
     fake_clock["step"] = 50.0   # a slower machine now: the plan stays
     fit("detr", out=str(tmp_path / "split"), resume=True, device="cpu")
     a, b = rows(tmp_path / "straight"), rows(tmp_path / "split")

@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 import qdet
-from qdet.cli import app
-from qdet.runs import fit
+from qdet.cli.app import app
+from qdet.engine.runs import fit
 
 from conftest import TINY, TINY_SHAPES
 
@@ -36,19 +36,19 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
                                                  "num_queries": 6, "dropout": 0.1},
                   train_overrides={**TINY_TRAIN, "epochs": 3, "eval_every": 100})
     fit("detr", out=str(tmp_path / "straight"), **common)
-    import qdet.engine
+    import qdet.engine.trainer
 
-    real_seed = qdet.engine.seed_everything
+    real_seed = qdet.engine.trainer.seed_everything
 
     def crash_in_epoch_3(seed):
         if seed >= 42 + 2000:
             raise KeyboardInterrupt
         real_seed(seed)
 
-    monkeypatch.setattr(qdet.engine, "seed_everything", crash_in_epoch_3)
+    monkeypatch.setattr(qdet.engine.trainer, "seed_everything", crash_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         fit("detr", out=str(tmp_path / "split"), **common)
-    monkeypatch.setattr(qdet.engine, "seed_everything", real_seed)
+    monkeypatch.setattr(qdet.engine.trainer, "seed_everything", real_seed)
     fit("detr", out=str(tmp_path / "split"), resume=True, device="cpu")
     a = [json.loads(l) for l in open(tmp_path / "straight" / "metrics.jsonl")]
     b = [json.loads(l) for l in open(tmp_path / "split" / "metrics.jsonl")]
@@ -95,7 +95,7 @@ def test_cli_train_writes_run(trained_run):
 def test_cli_predict_uses_latest_run(trained_run, monkeypatch):
     cwd, _ = trained_run
     monkeypatch.chdir(cwd)
-    from qdet.shapes import ShapesConfig, render
+    from qdet.data.shapes import ShapesConfig, render
 
     render(ShapesConfig(image_size=64), "val", 0)[0].save(cwd / "photo.png")
     result = CliRunner().invoke(app, ["predict", "photo.png", "--threshold", "0.0",
@@ -211,7 +211,7 @@ def test_cli_match_debug_on_latest_run(trained_run, monkeypatch):
     r = runner.invoke(app, ["match-debug", "--json", "--index", "1", "--save", "md.png"])
     assert r.exit_code == 0, r.output
     data = json.loads(r.output[r.output.index("{"):])
-    from qdet.shapes import ShapesConfig, render
+    from qdet.data.shapes import ShapesConfig, render
 
     _, boxes, labels = render(ShapesConfig(image_size=64), "val", 1)
     assert len(data["rows"]) == len(boxes)
@@ -235,7 +235,7 @@ def test_two_stage_deformable_trains_with_encoder_loss(tmp_path):
 
 def test_trains_on_coco_json(tmp_path):
     """COCO-format data written by `qdet data shapes`, category ids 1..5, through --data."""
-    from qdet.shapes import ShapesConfig, write_coco
+    from qdet.data.shapes import ShapesConfig, write_coco
 
     files = write_coco(ShapesConfig(image_size=64, train_images=8, val_images=4), tmp_path)
     res = fit("detr", data=str(files["train"]), images=str(tmp_path / "train"),
@@ -274,7 +274,11 @@ def test_bench_commands_run_small():
 def test_bench_deform_conv_plumbing():
     """``qdet bench deform-conv``'s functions at tiny shapes: every op measured, ratios
     against torchvision's row, and Dynamic DETR built with either op."""
-    from qdet.bench_deform_conv import _deform_conv_peak, bench_deform_conv, bench_dynamic_detr
+    from qdet.tools.bench_deform_conv import (
+        _deform_conv_peak,
+        bench_deform_conv,
+        bench_dynamic_detr,
+    )
 
     rows = bench_deform_conv(repeat=1, shapes={"tiny": (2, 8, 6, 7)}, memory=False)
     assert [r["backend"] for r in rows] == ["torchvision", "torch", "numba", "numba bf16"]

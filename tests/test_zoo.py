@@ -11,11 +11,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import qdet
-from qdet import zoo
-from qdet.checkpoint import model_checkpoint, save_checkpoint
-from qdet.cli import app
-from qdet.registry import build_model
-from qdet.zoo import ZooEntry, ZooError, resolve
+from qdet.cli.app import app
+from qdet.models.registry import build_model
+from qdet.weights import zoo
+from qdet.weights.checkpoint import model_checkpoint, save_checkpoint
+from qdet.weights.zoo import ZooEntry, ZooError, resolve
 
 from conftest import TINY, random_images
 
@@ -201,7 +201,7 @@ def test_unknown_name_lists_the_closest():
 
 
 def test_zoo_table_fits_80_columns_with_nothing_cut(home):
-    from qdet.zoo_cli import zoo_table
+    from qdet.cli.zoo import zoo_table
 
     console = Console(width=80, record=True)
     console.print(zoo_table({n: n == "detr-r50" for n in zoo.ZOO}))
@@ -215,7 +215,7 @@ def test_zoo_table_fits_80_columns_with_nothing_cut(home):
 def test_zoo_entries_are_consistent():
     for e in zoo.ENTRIES:
         assert sum(x is not None for x in (e.url, e.hf, e.page)) == 1, e.name
-        assert e.method in qdet.registry.ARCHS and (e.hf or e.file)
+        assert e.method in qdet.models.registry.ARCHS and (e.hf or e.file)
         if e.sha256:  # torch.hub's rule: the hex run after the last '-' of the name
             assert e.file.rsplit("-", 1)[1].startswith(e.sha256 + ".")
         if "dc5" in e.name and e.file:  # dilation is read from the file name

@@ -1,0 +1,411 @@
+"""The training loop, shared by every method (setting up a run: ``qdet.engine.runs``; evaluation:
+``qdet.engine.evaluation``).
+
+One process or many (``torchrun --nproc_per_node N -m qdet train ...``: DistributedSampler,
+gloo on CPU, nccl on GPU; rank 0 logs and writes checkpoints). Each epoch ends with a COCO
+evaluation, a line in ``metrics.jsonl`` and atomic ``last.pt``/``best.pt`` checkpoints that
+carry arch, config, class names, epoch, optimizer and scheduler. Randomness (data order,
+augmentation, dropout) is seeded from (seed, epoch, rank), so ``--resume`` continues exactly
+where an uninterrupted run would be. With a wall-clock budget (``TrainConfig.time``,
+``qdet train --time``) the run is planned after a timed warm-up and split into equal parts
+instead of epochs (``qdet.engine.budget``). Rank 0 keeps the run folder readable as it goes
+(``results.csv``, ``curves.png``, optional TensorBoard: ``qdet.engine.run_log``) and ends with the
+best checkpoint's per-class results (``qdet.engine.eval_report``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from ..blocks.base import Detector
+from ..common.files import remove_stale_temporaries, write_atomic
+from ..common.terminal import console, progress_bar, stats_table
+from ..data.datasets import DetectionDataset, collate
+from ..data.errors import DataError
+from ..ops.modes import bf16_native
+from ..weights.checkpoint import model_checkpoint, save_checkpoint
+from . import budget
+from .budget import PassIndexed, StreamSampler
+from .config import TrainConfig
+from .evaluation import evaluate, predict_dataset
+from .optim import Optimization, lr_factor, make_optimization, total_steps
+from .run_folder import RunFolder, restore_rows
+from .run_log import RunLog
+
+# ---------------------------------------------------------------------- distribution
+
+
+def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
+    """Join the torchrun process group when launched by torchrun; returns (rank, world,
+    device). Without torchrun this is a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world > 1 and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, torch.device(device)
+
+
+def num_parts(cfg: TrainConfig) -> int:
+    """Epochs, or a timed run's parts (1 until it is planned)."""
+    if cfg.time.minutes:
+        return cfg.time.evals or 1
+    return cfg.epochs
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {cfg.precision!r}")
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_native(device))
+
+
+def to_device(images, targets, device):
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+# ------------------------------------------------------------------------- training
+
+
+@dataclass
+class RunState:
+    epoch: int = 0            # epochs completed
+    best_ap: float = -1.0
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def prepare_model(model: Detector, cfg: TrainConfig, device: torch.device, world: int):
+    """Switch ``model`` (already on ``device``) to the run's memory format, compile it if
+    asked, and wrap it for DDP when there are several processes; returns the module to
+    call."""
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile_transformer()
+    if world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def epoch_loader(train_set: DetectionDataset, sampler, cfg: TrainConfig, epoch: int,
+                 device: torch.device) -> DataLoader:
+    """The epoch's data order and augmentation, a function of (seed, epoch)."""
+    train_set.set_epoch(epoch)
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    gen = torch.Generator().manual_seed(cfg.seed + epoch)
+    return DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None,
+                      sampler=sampler, generator=gen, drop_last=True,
+                      num_workers=cfg.num_workers, collate_fn=collate,
+                      persistent_workers=False, pin_memory=device.type == "cuda")
+
+
+def part_loader(train_set: DetectionDataset, cfg: TrainConfig, part: int, world: int,
+                rank: int, device: torch.device) -> tuple[DataLoader, int]:
+    """A timed run's part ``part``: its stretch of the data stream and its number of steps
+    (before the plan, the first part is open-ended and its length the warm-up's)."""
+    if cfg.time.total_steps:
+        bounds = budget.part_bounds(cfg.time)
+        start, stop = bounds[part], bounds[part + 1]
+    else:
+        start, stop = 0, None
+    per_step = cfg.batch_size * world
+    sampler = StreamSampler(len(train_set), cfg.seed, start * per_step,
+                            None if stop is None else stop * per_step, rank, world)
+    loader = DataLoader(PassIndexed(train_set), batch_size=cfg.batch_size, sampler=sampler,
+                        num_workers=cfg.num_workers, collate_fn=collate,
+                        persistent_workers=False, pin_memory=device.type == "cuda")
+    return loader, (cfg.time.warmup if stop is None else stop - start)
+
+
+def train_step(net, opt: Optimization, images, targets, cfg: TrainConfig, bf16: bool,
+               where: str, params) -> dict[str, Tensor]:
+    """One optimization step; returns the logged losses: the weighted total, every term of
+    every layer (``loss_ce``, ``loss_ce_0``, ..., ``loss_ce_enc``) and the encoder's
+    weighted total (``loss_enc``) where there is one."""
+    with torch.autocast(images[0].device.type, dtype=torch.bfloat16, enabled=bf16):
+        outputs = net(images)
+    lr = opt.optimizer.param_groups[0]["lr"]
+    try:
+        losses = opt.criterion(outputs, targets)  # in float32
+    except FloatingPointError as e:  # the matcher's costs are not finite
+        raise FloatingPointError(f"training stopped at {where}: {e}; lower --lr (this "
+                                 f"step's: {lr:.3g}) or check the data") from None
+    loss = opt.criterion.weighted(losses)
+    if not torch.isfinite(loss):
+        values = {k: v.item() for k, v in losses.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        raise FloatingPointError(
+            f"training stopped at {where}: loss is {loss.item()} (not finite: "
+            f"{', '.join(bad) or 'the weighted sum'}; terms: "
+            f"{ {k: round(v, 4) for k, v in values.items()} }); lower --lr (this step's: "
+            f"{lr:.3g}) or check the data")
+    opt.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_max_norm)
+    opt.optimizer.step()
+    opt.scheduler.step()
+    logged = {"loss": loss, **losses}
+    enc = {k: v for k, v in losses.items() if k.endswith("_enc")}
+    if enc:  # two-stage / dense-prior models: the encoder's own set loss
+        logged["loss_enc"] = opt.criterion.weighted(enc)
+    return logged
+
+
+def train_one_epoch(net, model: Detector, opt: Optimization, loader: DataLoader, steps: int,
+                    cfg: TrainConfig, device: torch.device, bf16: bool, epoch: int,
+                    title: str, show: bool, log: RunLog | None = None,
+                    on_step: Callable[[int], int | None] | None = None) -> dict:
+    """``steps`` steps of ``loader`` with a progress bar; returns their mean losses, lr,
+    steps and seconds. ``on_step(done)`` may return a new number of steps (a timed run's
+    plan)."""
+    t0 = time.time()
+    sums: dict[str, float] = {}
+    n = 0
+    net.train()
+    with progress_bar(disable=not show) as bar:
+        task = bar.add_task(title, total=steps, info="")
+        for images, targets in loader:
+            images, targets = to_device(images, targets, device)
+            lr = opt.optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves on)
+            logged = train_step(net, opt, images, targets, cfg, bf16,
+                                f"epoch {epoch + 1}, step {n}", model.parameters())
+            values = torch.stack([v.detach() for v in logged.values()]).tolist()  # 1 sync
+            for k, v in zip(logged, values):
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+            if log is not None:
+                log.add_step(opt.scheduler.last_epoch, values[0], lr)
+            if on_step is not None:
+                steps = on_step(n) or steps
+            bar.update(task, advance=1, total=steps, info=f"loss {sums['loss'] / n:.3f} "
+                       f"lr {lr:.3g} {n / max(time.time() - t0, 1e-9):.2f} it/s")
+            if n >= steps:
+                break
+    return {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
+            "lr": opt.optimizer.param_groups[0]["lr"], "steps": n,
+            "train_seconds": time.time() - t0}
+
+
+class WarmupPlanner:
+    """The ``on_step`` of a timed run's first part: after ``cfg.time.warmup`` steps it times
+    them and a small evaluation, fixes the run's steps and parts (``budget.plan``), lays the
+    lr schedule over them and returns the first part's length. ``cfg`` is then the planned
+    config."""
+
+    def __init__(self, cfg: TrainConfig, opt: Optimization, net, val_set, device,
+                 bf16: bool, start: float, world: int, rank: int):
+        self.cfg, self.opt, self.net, self.val_set = cfg, opt, net, val_set
+        self.device, self.bf16, self.start, self.world, self.rank = device, bf16, start, world, rank
+        self.timer = budget.StepTimer()
+        self.planned = False
+
+    def eval_seconds(self) -> float:
+        """An evaluation's time, from predictions on two batches' worth of images."""
+        if self.val_set is None:
+            return 0.0
+        n = min(len(self.val_set), 2 * self.cfg.batch_size * self.world)
+        t = budget.clock()
+        predict_dataset(self.net, Subset(self.val_set, range(n)), self.device,
+                        self.cfg.batch_size, self.cfg.num_workers, show_progress=False,
+                        bf16=self.bf16)
+        self.net.train()
+        return (budget.clock() - t) * len(self.val_set) / max(n, 1)
+
+    def __call__(self, done: int) -> int | None:
+        if self.planned:
+            return None
+        self.timer.tick()
+        tc = self.cfg.time
+        if done < tc.warmup:
+            return None
+        self.planned = True
+        step_s, eval_s = self.timer.step_seconds(), self.eval_seconds()
+        total, evals = budget.plan(tc.minutes * 60, budget.clock() - self.start, step_s, eval_s,
+                                   done, tc.max_evals)
+        if self.world > 1:  # every rank follows rank 0's plan
+            box = [total, evals, step_s, eval_s]
+            dist.broadcast_object_list(box, src=0)
+            total, evals, step_s, eval_s = box
+        self.cfg = dataclasses.replace(self.cfg, time=dataclasses.replace(
+            tc, total_steps=total, evals=evals, step_seconds=step_s, eval_seconds=eval_s))
+        sched = self.opt.scheduler
+        sched.lr_lambdas = [lr_factor(self.cfg, total)] * len(sched.lr_lambdas)
+        if self.rank == 0:
+            console.print(f"time budget {tc.minutes:g} min: {done} warm-up steps at "
+                          f"{step_s:.3f} s, an evaluation about {eval_s:.1f} s -> {total} "
+                          f"steps in {evals} part{'s' * (evals > 1)}, each ending with an "
+                          "evaluation")
+        return budget.part_bounds(self.cfg.time)[1]
+
+
+def record_plan(out: Path, cfg: TrainConfig) -> None:
+    """A timed run's plan into ``config.json``: its ``train`` entry is replaced, everything
+    else the file holds is kept."""
+    folder = RunFolder(out)
+    folder.write_config({**folder.read_config(), "train": dataclasses.asdict(cfg)})
+
+
+def save_epoch(model: Detector, opt: Optimization, state: RunState, cfg: TrainConfig,
+               data_spec: dict, metrics: dict, out: Path, evaluated: bool) -> bool:
+    """Rank 0 after an epoch: ``best.pt`` when the AP improved (or without validation data),
+    then ``last.pt`` (everything to resume), then a line in ``metrics.jsonl``. In this order
+    a run killed at any point resumes from a last.pt whose best.pt and metrics are
+    consistent with it (``run_log.restore_rows`` restores a line lost after last.pt).
+    Returns whether the AP improved."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # a step at a NaN lr, or a NaN gradient: finite loss, ruined weights
+        raise FloatingPointError(
+            f"training stopped after epoch {state.epoch}: {len(bad)} weight tensor(s) are NaN "
+            f"or inf (e.g. {bad[0]}), so this epoch is not saved; lower --lr or check the data")
+    ap = metrics.get("AP", -1.0)
+    improved = ap > state.best_ap or not evaluated
+    state.best_ap = max(state.best_ap, ap)
+    ckpt = model_checkpoint(model, epoch=state.epoch, best_ap=state.best_ap,
+                            optimizer=opt.optimizer.state_dict(),
+                            scheduler=opt.scheduler.state_dict(),
+                            train=dataclasses.asdict(cfg), data=data_spec, metrics=metrics)
+    folder = RunFolder(out)
+    if improved or not folder.best.exists():
+        save_checkpoint(folder.best, {k: v for k, v in ckpt.items()
+                                      if k not in ("optimizer", "scheduler")})
+    save_checkpoint(folder.last, ckpt)
+    append_metrics(out, metrics)
+    return improved
+
+
+def append_metrics(out: Path, metrics: dict) -> None:
+    RunFolder(out).append_metrics(metrics)
+
+
+def check_batches(train_set: DetectionDataset, cfg: TrainConfig, world: int) -> None:
+    """An epoch drops the last partial batch: fewer images than one batch train nothing."""
+    if len(train_set) < cfg.batch_size * world:
+        raise DataError(f"{train_set.source}: {len(train_set)} training image(s), fewer than "
+                        f"one batch of {cfg.batch_size} per process x {world} process(es); "
+                        "lower --batch-size")
+
+
+def part_title(cfg: TrainConfig, epoch: int) -> str:
+    if cfg.time.minutes:
+        return f"{cfg.time.minutes:g} min, part {epoch + 1}/{cfg.time.evals or '?'}"
+    return f"epoch {epoch + 1}/{cfg.epochs}"
+
+
+def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDataset | None,
+          cfg: TrainConfig, out: Path, device: torch.device, data_spec: dict,
+          resume: dict | None = None) -> dict:
+    """Train ``model``; returns the last epoch's metrics. ``resume`` is a checkpoint dict."""
+    start = budget.clock()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    out = Path(out)
+    model.preprocess = {"size": cfg.augment.eval_size, "max_size": cfg.augment.max_size}
+    model.to(device)
+    steps_per_epoch = max(len(train_set) // (cfg.batch_size * world), 1)
+    opt = make_optimization(model, cfg, total_steps(cfg, steps_per_epoch), device, resume)
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed,
+                                 drop_last=True) if world > 1 else None
+    state, before = RunState(), {}
+    if resume is not None:
+        state = RunState(epoch=resume["epoch"], best_ap=resume.get("best_ap", -1.0))
+        before = resume.get("metrics") or {}
+    bf16 = use_bf16(cfg, device)
+    net = prepare_model(model, cfg, device, world)
+    log = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        rows = restore_rows(out, state.epoch, before or None)
+        log = RunLog(out, rows, f"{out.name} ({model.arch})", cfg.tensorboard)
+    images, seconds = before.get("images", 0), before.get("time", 0.0)
+    metrics = {}
+    try:
+        while state.epoch < num_parts(cfg):
+            epoch = state.epoch
+            seed_everything(cfg.seed + 1000 * epoch + rank)
+            planner = None
+            if cfg.time.minutes:
+                loader, steps = part_loader(train_set, cfg, epoch, world, rank, device)
+                if not cfg.time.total_steps:
+                    planner = WarmupPlanner(cfg, opt, net, val_set, device, bf16, start, world,
+                                            rank)
+            else:
+                loader = epoch_loader(train_set, sampler, cfg, epoch, device)
+                steps = len(loader)
+            metrics = train_one_epoch(net, model, opt, loader, steps, cfg, device, bf16, epoch,
+                                      part_title(cfg, epoch), rank == 0, log, planner)
+            if planner is not None:
+                cfg = planner.cfg
+                if rank == 0:
+                    record_plan(out, cfg)
+            images += metrics["steps"] * cfg.batch_size * world
+            metrics.update(world_size=world, bf16=bf16, step=opt.scheduler.last_epoch,
+                           images=images)
+            last = epoch + 1 == num_parts(cfg)
+            evaluate_now = val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or last)
+            results = None
+            if evaluate_now:
+                stats, results = evaluate(net, val_set, device, batch_size=cfg.batch_size,
+                                          num_workers=cfg.num_workers, bf16=bf16)
+                metrics.update(stats)
+            metrics["time"] = seconds + budget.clock() - start
+            state.epoch = epoch + 1
+            if rank == 0:
+                improved = save_epoch(model, opt, state, cfg, data_spec, metrics, out,
+                                      val_set is not None)
+                if improved and results is not None:  # what `qdet eval best.pt` would write
+                    write_atomic(RunFolder(out).best_results, json.dumps(results))
+                log.add_epoch(metrics)
+                if "AP" in metrics:
+                    console.print(stats_table(metrics, f"{part_title(cfg, epoch)}: val COCO "
+                                                       "bbox"))
+            if dist.is_initialized():
+                dist.barrier()
+    finally:
+        if log is not None:
+            log.close()
+    if rank == 0:
+        finish(cfg, val_set, out, log.rows, state, seconds + budget.clock() - start)
+    return metrics
+
+
+def finish(cfg: TrainConfig, val_set, out: Path, rows: list[dict], state: RunState,
+           seconds: float) -> None:
+    """Rank 0 at the end: how a timed run kept its budget; the best checkpoint's per-class
+    results, confusion matrix and PR curves in the run folder."""
+    if cfg.time.minutes:
+        console.print(f"time budget {cfg.time.minutes:g} min: {cfg.time.total_steps} steps, "
+                      f"{seconds / 60:.1f} min in all")
+    folder = RunFolder(out)
+    if val_set is None or not folder.best_results.is_file():
+        return
+    from .eval_report import show_report, write_report
+
+    best = next((r for r in rows if r.get("AP") == state.best_ap), None)
+    results = json.loads(folder.best_results.read_text())
+    report = write_report(val_set, results, out, losses=[r["loss"] for r in rows])
+    show_report(report, "best.pt" + (f" ({part_title(cfg, best['epoch'] - 1)})" if best else ""))
