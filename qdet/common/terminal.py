@@ -27,9 +27,16 @@ class LazyConsole:
 
     def get(self) -> "Console":
         if self._console is None:
+            import os
+
             from rich.console import Console
 
-            object.__setattr__(self, "_console", Console(stderr=self._stderr))
+            # made without COLUMNS and LINES, which rich would freeze at the size they say
+            # now; afterwards it reads them at every print, as a console made at import did
+            env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+            console = Console(stderr=self._stderr, _environ=env)
+            console._environ = os.environ
+            object.__setattr__(self, "_console", console)
         return self._console
 
     def __getattr__(self, name: str):
