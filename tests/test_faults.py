@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import qdet
 import qdet.common.files
+import qdet.engine.step
 import qdet.engine.trainer
 import qdet.weights.checkpoint
 from qdet.cli.app import app
@@ -70,7 +71,7 @@ def test_crashes_at_every_moment_resume_to_the_same_weights(straight, tmp_path, 
     epoch 2's second step, inside save_checkpoint between writing epoch 2's last.pt and
     renaming it, after last.pt but before its metrics line, and while evaluating epoch 3."""
     out = tmp_path / "split"
-    real_item, real_step = ShapesDataset.__getitem__, qdet.engine.trainer.train_step
+    real_item, real_step = ShapesDataset.__getitem__, qdet.engine.step.train_step
     real_replace, real_append = os.replace, qdet.engine.trainer.append_metrics
 
     def crashing(kind):
@@ -100,7 +101,7 @@ def test_crashes_at_every_moment_resume_to_the_same_weights(straight, tmp_path, 
         def evaluate(*args, **kwargs):
             raise Crash
         return {"data loading": (ShapesDataset, "__getitem__", loading),
-                "the step": (qdet.engine.trainer, "train_step", step),
+                "the step": (qdet.engine.step, "train_step", step),
                 "checkpoint writing": (qdet.weights.checkpoint.os, "replace", replace),
                 "before the metrics line": (qdet.engine.trainer, "append_metrics", append),
                 "evaluation": (qdet.engine.trainer, "evaluate", evaluate)}[kind]

@@ -38,8 +38,9 @@ def build(variant: str, num_classes: int = 5, names=NAMES, seed: int = 0):
 def randomize_heads(model):
     """Distinct rows in every class head (a fresh focal head has equal biases)."""
     with torch.no_grad():
-        for _, _, head in class_head_modules(model):
-            head.bias.copy_(torch.randn_like(head.bias))
+        for _, kind, head in class_head_modules(model):
+            if kind != "label":          # a label embedding has no bias, its rows differ
+                head.bias.copy_(torch.randn_like(head.bias))
 
 
 def test_names_match_case_and_separators():
@@ -50,10 +51,12 @@ def test_names_match_case_and_separators():
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_declared_heads_are_all_the_class_heads(variant):
     """With a class count no other layer has, the Linear layers with one output per class
-    (+1 for softmax) are exactly the heads the method declares."""
+    (+1 for softmax) and the Embeddings with a row per class are exactly the heads the
+    method declares."""
     model = build(variant, num_classes=13, names=[str(i) for i in range(13)])
     rows = 13 + (0 if model.focal else 1)
-    found = {id(m) for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == rows}
+    found = {id(m) for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == rows
+             or isinstance(m, nn.Embedding) and m.num_embeddings == 13}
     assert found == {id(m) for _, _, m in class_head_modules(model)}
 
 
@@ -100,13 +103,16 @@ def test_partial_overlap_copies_rows_and_initialises_the_rest(variant):
                                                 class_head_modules(fresh)):
         theirs = src_heads[name]
         copied = [(0, 0)] if kind == "object" else [(0, 4), (2, 0)]
-        if not target.focal:
+        if not target.focal and kind != "label":     # "no object": not a label's row
             copied.append((4, 5))
+        biased = kind != "label"
         for j, i in copied:
             assert torch.equal(head.weight[j], theirs.weight[i])
-            assert torch.equal(head.bias[j], theirs.bias[i])
+            assert not biased or torch.equal(head.bias[j], theirs.bias[i])
         for j in {0, 1, 2, 3} - {j for j, _ in copied}:
             assert torch.equal(head.weight[j], init.weight[j])
+            if not biased:
+                continue
             assert torch.equal(head.bias[j], init.bias[j])
             if target.focal:
                 assert head.bias[j].item() == pytest.approx(PRIOR)

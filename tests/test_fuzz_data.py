@@ -1,6 +1,6 @@
 """Fuzzing the COCO input (issue 18): a small valid dataset, a few hundred seeded random
 mutations of its JSON and its image files, and for each the data check (`qdet data check`)
-and, where the check passes, one training step (``engine.train_step`` on the real
+and, where the check passes, one training step (``engine.step.train_step`` on the real
 DataLoader path, inside the training loop's error handling; a tiny DETR with lr 0, so every
 case meets the same weights). A sample of the passing cases, one per kind of mutation, runs
 the whole `qdet train` instead.
@@ -35,7 +35,8 @@ from qdet.data.transforms import AugmentConfig
 from qdet.engine.config import TrainConfig
 from qdet.engine.faults import stopping_clearly  # noqa: E402
 from qdet.engine.optim import make_optimization
-from qdet.engine.trainer import epoch_loader, train_step  # noqa: E402
+from qdet.engine.step import train_step  # noqa: E402
+from qdet.engine.trainer import epoch_loader  # noqa: E402
 from qdet.models.registry import build_model  # noqa: E402
 
 from conftest import TINY  # noqa: E402
@@ -329,8 +330,8 @@ class Stepper:
         loader = epoch_loader(dataset, None, self.cfg, 0, torch.device("cpu"))
         with stopping_clearly(0, 1, run):
             images, targets = next(iter(loader))
-            train_step(model, opt, images, targets, self.cfg, False, "epoch 1, step 0",
-                       model.parameters())
+            train_step(model, model, opt, [(images, targets)], self.cfg, False,
+                       "epoch 1, step 0")
 
 
 def full_run(ann: Path, folder: Path, run: Path):

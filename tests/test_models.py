@@ -69,7 +69,9 @@ def test_backward_reaches_trainable_parameters(model):
     targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[.3, .3, .2, .2],
                                                                        [.6, .6, .3, .4]])}]
     crit = SetCriterion(model.config.num_classes, model.config.loss, model.focal)
-    crit.weighted(crit(model(random_images([(side, side)])), targets)).backward()
+    # with the targets: the denoising queries (DINO's by default) take part too
+    out = model(random_images([(side, side)]), targets)
+    crit.weighted(crit(out, targets)).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not no_grad, f"parameters without gradient: {no_grad[:5]}"
 

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 import qdet
 import qdet.engine.budget
+import qdet.engine.step
 import qdet.engine.trainer
 from qdet.cli.app import app
 from qdet.engine.budget import PassIndexed, StreamSampler, TimeConfig, part_bounds, plan
@@ -89,7 +90,7 @@ def fake_clock(monkeypatch):
     (PROBE_S) runs."""
     clock = {"now": 0.0, "step": STEP_S}
     monkeypatch.setattr(qdet.engine.budget, "clock", lambda: clock["now"])
-    real_step, real_predict = qdet.engine.trainer.train_step, qdet.engine.trainer.predict_dataset
+    real_step, real_predict = qdet.engine.step.train_step, qdet.engine.trainer.predict_dataset
 
     def step(*args, **kwargs):
         clock["now"] += clock["step"]
@@ -99,7 +100,7 @@ def fake_clock(monkeypatch):
         clock["now"] += PROBE_S
         return real_predict(*args, **kwargs)
 
-    monkeypatch.setattr(qdet.engine.trainer, "train_step", step)
+    monkeypatch.setattr(qdet.engine.step, "train_step", step)
     monkeypatch.setattr(qdet.engine.trainer, "predict_dataset", predict)
     return clock
 

@@ -10,6 +10,11 @@ Every model subclasses :class:`Detector`. Its ``forward`` takes a normalized flo
 - ``aux_outputs``: a list of such dicts, one per earlier decoder layer, when enabled,
 - ``enc_outputs``: one such dict for a supervised encoder (two-stage models), when present.
 
+In training mode with targets (``model(images, targets)``), a model configured with query
+groups or denoising (``qdet.blocks.denoising``) returns every group's queries, group g at
+``[:, g*Q:(g+1)*Q]`` (and ``query_groups``: K), and its denoising queries' outputs under
+``dn``; otherwise exactly the Q queries above.
+
 Generic code (matcher, criterion, post-processing, engine, match-debug) relies only on this
 contract, on the class attribute ``focal`` (softmax + "no object" head, or sigmoid focal
 head: a fixed property of the architecture) and on ``model.config.loss``; it never
@@ -48,6 +53,10 @@ class LossConfig:
     focal_gamma: float = 2.0
     # two-stage: encoder proposals are scored object-vs-background (every target label 0)
     enc_class_agnostic: bool = False
+    # DEIM's matchability-aware loss instead of the focal loss (focal heads): a matched
+    # query's target is its IoU to the power mal_gamma
+    mal: bool = False
+    mal_gamma: float = 1.5
 
 
 def focal_loss_config() -> LossConfig:
@@ -88,6 +97,8 @@ class Detector(nn.Module):
         self.preprocess: dict = {"size": 800, "max_size": 1333}
         # what a qdet checkpoint says about its data: {"data": spec, "train": {"shapes": ...}}
         self.data_info: dict = {}
+        # focal heads: detections kept per image, the best (query, class) pairs (DINO: 300)
+        self.max_detections: int = 100
 
     def class_heads(self) -> dict[str, HeadKind]:
         """The Linear layers that predict classes, by module name (a shared head may appear

@@ -143,14 +143,19 @@ class RCNNHead(nn.Module):
         self.bboxes_delta = nn.Linear(d, 4)
         self.resolution = resolution
 
-    def forward(self, features, boxes: Tensor, query: Tensor, pool_backend: str | None = None):
+    def forward(self, features, boxes: Tensor, query: Tensor, pool_backend: str | None = None,
+                self_mask=None):
         """boxes ``[N,P,4]`` absolute xyxy, query ``[N,P,d]`` -> logits, boxes, query;
-        ``pool_backend`` as :func:`qdet.ops.roi_align.roi_align`'s."""
+        ``pool_backend`` as :func:`qdet.ops.roi_align.roi_align`'s; ``self_mask``: a
+        ``qdet.blocks.denoising.QueryMask`` between the proposals."""
         n, p, d = query.shape
         roi = roi_pool(features, boxes, self.resolution, self.first_level,
                        pool_backend)                                            # [N*P,d,r,r]
         roi = roi.flatten(2).transpose(1, 2)                                    # [N*P,r*r,d]
+        blocked = None if self_mask is None else \
+            self_mask.for_mha(self.self_attn.num_heads)[0]
         query = self.norm1(query + self.dropout1(self.self_attn(query, query, query,
+                                                                attn_mask=blocked,
                                                                 need_weights=False)[0]))
         inter = self.inst_interact(query.reshape(n * p, d), roi).view(n, p, d)
         query = self.norm2(query + self.dropout2(inter))
@@ -179,13 +184,13 @@ class DynamicHead(nn.Module):
             elif name.endswith("class_logits.bias"):
                 nn.init.constant_(p, prior)
 
-    def forward(self, features, boxes, query):
+    def forward(self, features, boxes, query, self_mask=None):
         """Returns per-stage logits ``[L,N,P,C]`` and absolute xyxy boxes ``[L,N,P,4]``."""
         # every stage pools the same maps: convert them once to what RoIAlign reads
         features = [prepare_map(f, self.pool_backend) for f in features]
         all_logits, all_boxes = [], []
         for head in self.head_series:
-            logits, boxes, query = head(features, boxes, query, self.pool_backend)
+            logits, boxes, query = head(features, boxes, query, self.pool_backend, self_mask)
             all_logits.append(logits)
             all_boxes.append(boxes)
             boxes = boxes.detach()
@@ -219,13 +224,21 @@ def pad_for_pyramid(images) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def decode_proposals(head: DynamicHead, proposal_features: Tensor, proposal_boxes: Tensor,
-                     features: list[Tensor], sizes: Tensor, aux: bool) -> dict:
+                     features: list[Tensor], sizes: Tensor, aux: bool, prefix=None,
+                     self_mask=None) -> dict:
     """Run the learned proposals (``[P, d]`` features, ``[P, 4]`` normalized cx,cy,w,h
     boxes) through ``head`` over the pyramid ``features`` of images of ``sizes`` ``[N, 4]``
-    (w, h, w, h); returns the output contract (normalized cx, cy, w, h boxes)."""
+    (w, h, w, h); returns the output contract (normalized cx, cy, w, h boxes). ``prefix``:
+    per-image proposals in front of the learned ones (denoising), ``(features [N,M,d],
+    normalized cx,cy,w,h boxes [N,M,4])``; ``self_mask`` separates them and query groups."""
     init = box_convert(proposal_boxes, "cxcywh", "xyxy")
     boxes = init[None] * sizes[:, None]                                         # absolute
     query = proposal_features[None].expand(sizes.shape[0], -1, -1)
-    logits, boxes = head(features, boxes, query)
+    if prefix is not None:
+        dn_query, dn_boxes = prefix
+        dn_boxes = box_convert(dn_boxes, "cxcywh", "xyxy") * sizes[:, None]
+        query = torch.cat([dn_query.to(query.dtype), query], 1)
+        boxes = torch.cat([dn_boxes.to(boxes.dtype), boxes.expand(sizes.shape[0], -1, -1)], 1)
+    logits, boxes = head(features, boxes, query, self_mask)
     boxes = box_convert(boxes / sizes[None, :, None], "xyxy", "cxcywh")
     return layer_outputs(logits, boxes, aux)

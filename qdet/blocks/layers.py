@@ -71,10 +71,13 @@ class DETREncoder(nn.Module):
 
 
 def multiscale_input(backbone: str, dilation: bool, frozen_bn: bool, trainable: int, d: int,
-                     levels: int) -> tuple[Backbone, nn.ModuleList]:
-    """The multi-scale backbone (C5 alone, C4-C5, or C3-C5) and the per-level projections
-    to width ``d`` with GroupNorm; levels beyond the backbone's are stride-2 3x3 convs."""
-    stages = (2, 3, 4)[-min(levels, 3):]
+                     levels: int, backbone_levels: int | None = None
+                     ) -> tuple[Backbone, nn.ModuleList]:
+    """The multi-scale backbone (its last ``backbone_levels`` stages, default up to three:
+    C5 alone, C4-C5 or C3-C5; DINO's 5-scale model takes C2-C5) and the per-level
+    projections to width ``d`` with GroupNorm; levels beyond the backbone's are stride-2 3x3
+    convs, the first on the last stage's own map."""
+    stages = (1, 2, 3, 4)[-(backbone_levels or min(levels, 3)):]
     net = Backbone(backbone, stages, dilation, frozen_bn, trainable)
     chans = net.channels
     proj = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in chans]
@@ -87,10 +90,12 @@ def multiscale_input(backbone: str, dilation: bool, frozen_bn: bool, trainable: 
     return net, nn.ModuleList(proj)
 
 
-def multiscale_features(backbone: Backbone, input_proj: nn.ModuleList, images,
-                        d: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+def multiscale_features(backbone: Backbone, input_proj: nn.ModuleList, images, d: int,
+                        temperature: float = 10000, offset: float = -0.5
+                        ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Projected maps ``[B,d,H_l,W_l]``, their padding masks ``[B,H_l,W_l]`` and sine
-    position encodings (pixel centres: offset -0.5) of every level."""
+    position encodings of every level (Deformable DETR's count pixel centres: offset -0.5;
+    DINO's use temperature 20 and no offset)."""
     x, mask = batch_images(images)
     feats = backbone(x, mask)
     srcs = [proj(f) for proj, (f, _) in zip(input_proj, feats)]
@@ -98,17 +103,19 @@ def multiscale_features(backbone: Backbone, input_proj: nn.ModuleList, images,
     for i in range(len(feats), len(input_proj)):
         srcs.append(input_proj[i](feats[-1][0] if i == len(feats) else srcs[-1]))
         masks.append(resize_mask(mask, srcs[-1].shape[-2:]))
-    pos = [sine_position_embedding(m, d // 2, offset=-0.5).to(s.dtype)
+    pos = [sine_position_embedding(m, d // 2, temperature, offset=offset).to(s.dtype)
            for s, m in zip(srcs, masks)]
     return srcs, masks, pos
 
 
-def valid_ratio(mask: Tensor) -> Tensor:
-    """Unpadded fraction of a level's width and height, ``[B, 2]`` (w, h)."""
+def valid_ratio(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Unpadded fraction of a level's width and height, ``[B, 2]`` (w, h): float32, or
+    float64 for a float64 model (never a half type)."""
     _, h, w = mask.shape
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32
     valid_h = (~mask[:, :, 0]).sum(1)
     valid_w = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+    return torch.stack([valid_w.to(dtype) / w, valid_h.to(dtype) / h], -1)
 
 
 def flatten_levels(srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor],
@@ -121,7 +128,7 @@ def flatten_levels(srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor],
     src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
     pad = torch.cat([m.flatten(1) for m in masks], 1)
     pos = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[i] for i, p in enumerate(pos)], 1)
-    ratios = torch.stack([valid_ratio(m) for m in masks], 1)
+    ratios = torch.stack([valid_ratio(m, src.dtype) for m in masks], 1)
     return src, pad, pos, shapes, ratios
 
 
@@ -181,9 +188,13 @@ class DeformableDecoderLayer(nn.Module):
         self.dropout1, self.dropout2, self.dropout3, self.dropout4 = (
             nn.Dropout(dropout) for _ in range(4))
 
-    def forward(self, tgt, query_pos, ref, memory, shapes, pad):
+    def forward(self, tgt, query_pos, ref, memory, shapes, pad, self_mask=None):
+        """``self_mask``: a ``qdet.blocks.denoising.QueryMask`` between the queries."""
         q = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, q, tgt, need_weights=False)[0]))
+        blocked = None if self_mask is None else \
+            self_mask.for_mha(self.self_attn.num_heads)[0]
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, q, tgt, attn_mask=blocked,
+                                                            need_weights=False)[0]))
         tgt = self.norm1(tgt + self.dropout1(
             self.cross_attn(tgt + query_pos, ref, memory, shapes, pad)))
         ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
@@ -226,16 +237,18 @@ class DeformableDecoder(nn.Module):
         self.layers = nn.ModuleList(DeformableDecoderLayer(d, ffn, dropout, levels, heads, points)
                                     for _ in range(num_layers))
 
-    def forward(self, tgt, query_pos, ref, memory, shapes, valid_ratios, pad, bbox_embed=None):
+    def forward(self, tgt, query_pos, ref, memory, shapes, valid_ratios, pad, bbox_embed=None,
+                self_mask=None):
         """Returns every layer's output ``[L,B,Q,d]`` and the reference after each layer
-        ``[L,B,Q,2|4]`` (refined by ``bbox_embed[i]`` when given, detached between layers)."""
+        ``[L,B,Q,2|4]`` (refined by ``bbox_embed[i]`` when given, detached between layers);
+        ``self_mask`` separates query groups and denoising queries."""
         hs, refs = [], []
         for i, layer in enumerate(self.layers):
             if ref.shape[-1] == 4:
                 ref_in = ref[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             else:
                 ref_in = ref[:, :, None] * valid_ratios[:, None]
-            tgt = layer(tgt, query_pos, ref_in, memory, shapes, pad)
+            tgt = layer(tgt, query_pos, ref_in, memory, shapes, pad, self_mask)
             if bbox_embed is not None:
                 ref = box_from_reference(bbox_embed[i](tgt), ref).detach()
             hs.append(tgt)

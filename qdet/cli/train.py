@@ -95,6 +95,21 @@ def train(
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast "
                                                  "(default: the preset's; built-in presets use "
                                                  "it where the hardware supports it).")] = None,
+    dn: Annotated[Optional[int], typer.Option(
+        "--dn", metavar="N", help="Denoising training: N groups of every target box noised, "
+        "reconstructed by extra queries (DN-DETR; 0: off). Details: --set dn.label_noise=P, "
+        "dn.box_noise=L, dn.contrastive=true (DINO's negatives).")] = None,
+    query_groups: Annotated[Optional[int], typer.Option(
+        "--query-groups", metavar="K", help="Group DETR: K groups of queries, each matched "
+        "one to one on its own (1: off); inference runs group 0 alone.")] = None,
+    ema: Annotated[Optional[bool], typer.Option(
+        "--ema/--no-ema", help="Keep a moving average of the weights (decay with a warm-up, "
+        "as RT-DETR: --set ema.decay=D, ema.warmup=N); evaluation, best.pt and export use "
+        "it. Default: the preset's.")] = None,
+    accumulate: Annotated[Optional[int], typer.Option(
+        "--accumulate", metavar="N", help="Gradients of N micro-batches of --batch-size per "
+        "optimizer step: the step of one batch of N times the images, in the memory of "
+        "one.")] = None,
     backbone_weights: Annotated[Optional[Path], typer.Option(
         help="Local torchvision ResNet state dict to start the backbone from.")] = None,
     weights: Annotated[Optional[str], typer.Option(
@@ -130,6 +145,20 @@ def train(
         train_o["tensorboard"] = True
     if bf16 is not None:
         train_o["precision"] = "bf16" if bf16 else "fp32"
+    if dn is not None:
+        if dn < 0:
+            fail(f"--dn must be a number of groups >= 0, got {dn}")
+        model_o.update({"dn.groups": dn, "dn.queries": 0})
+    if query_groups is not None:
+        if query_groups < 1:
+            fail(f"--query-groups must be at least 1 (1: off), got {query_groups}")
+        model_o["query_groups"] = query_groups
+    if ema is not None:
+        train_o["ema.enabled"] = ema
+    if accumulate is not None:
+        if accumulate < 1:
+            fail(f"--accumulate must be at least 1, got {accumulate}")
+        train_o["accumulate"] = accumulate
     if preset not in (None, "shapes", "paper"):
         fail(f"--preset must be 'shapes' or 'paper', got {preset!r}")
     try:

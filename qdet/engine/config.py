@@ -1,5 +1,6 @@
 """The training config: optimization, data loading, precision, augmentation, the built-in
-data and a wall-clock budget; a method's preset overrides its defaults (``qdet.engine.presets``)."""
+data, a wall-clock budget, gradient accumulation and the weights' moving average; a method's
+preset overrides its defaults (``qdet.engine.presets``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 from ..data.shapes import ShapesConfig
 from ..data.transforms import AugmentConfig
 from .budget import TimeConfig
+from .ema import EMAConfig
 
 
 @dataclass
@@ -34,3 +36,5 @@ class TrainConfig:
     shapes: ShapesConfig = field(default_factory=ShapesConfig)  # the built-in data, if used
     time: TimeConfig = field(default_factory=TimeConfig)  # a wall-clock budget, not epochs
     tensorboard: bool = False           # also log scalars to RUN/tensorboard
+    accumulate: int = 1                 # micro-batches of batch_size per optimizer step
+    ema: EMAConfig = field(default_factory=EMAConfig)     # an average of the weights

@@ -41,13 +41,17 @@ def _column(rows: list[dict], key: str) -> tuple[list, list]:
 
 
 def curves(rows: list[dict], path: Path, title: str = "") -> None:
-    """``curves.png``: top, the weighted training loss (and the encoder's), validation AP
-    and AP50, the lr; below, each loss term per decoder layer (light: early layers, black:
-    the final one, dashed: the encoder's proposals), all against the epoch."""
+    """``curves.png``: top, the weighted training loss (and the encoder's and the denoising
+    queries'), validation AP and AP50, the lr; below, each loss term per decoder layer
+    (light: early layers, black: the final one, dashed: the encoder's proposals, dotted: the
+    denoising queries' final layer), all against the epoch."""
     import matplotlib as mpl
 
     fig, ax = _figure(13, 7, 2, 3)
     _line(ax[0, 0], *_column(rows, "loss"), color="black", label="loss (weighted sum)")
+    if any("loss_dn" in r for r in rows):
+        _line(ax[0, 0], *_column(rows, "loss_dn"), color="tab:red", linestyle=":",
+              label="denoising (weighted)")
     if any("loss_enc" in r for r in rows):
         _line(ax[0, 0], *_column(rows, "loss_enc"), color="tab:gray", linestyle="--",
               label="encoder (weighted)")
@@ -70,6 +74,9 @@ def curves(rows: list[dict], path: Path, title: str = "") -> None:
                   color=cmap(0.15 + 0.6 * i / max(layers - 1, 1)), label=f"layer {i + 1}")
         _line(a, *_column(rows, f"loss_{term}"), color="black",
               label=f"layer {layers} (final)")
+        if any(f"loss_{term}_dn" in r for r in rows):
+            _line(a, *_column(rows, f"loss_{term}_dn"), color="tab:red", linestyle=":",
+                  linewidth=1, label="denoising (final layer)")
         if any(f"loss_{term}_enc" in r for r in rows):
             _line(a, *_column(rows, f"loss_{term}_enc"), color="tab:gray", linestyle="--",
                   linewidth=1, label="encoder")

@@ -21,10 +21,12 @@ from ..common.files import write_atomic
 
 # results.csv: these first (those a run has), then every per-layer term, then COCO metrics
 HEAD = ("epoch", "step", "images", "time", "lr", "loss", "loss_ce", "loss_bbox", "loss_giou",
-        "loss_enc")
+        "loss_enc", "loss_dn")
 COCO = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 TERMS = ("ce", "bbox", "giou")
-LAYER_TERM = re.compile(r"loss_(ce|bbox|giou)_(\d+|enc)")
+# a term of one layer: decoder layer i, the encoder, the denoising queries' last layer or
+# their layer i (loss_ce_3, loss_giou_enc, loss_bbox_dn, loss_ce_dn_2)
+LAYER_TERM = re.compile(r"loss_(ce|bbox|giou)_(\d+|enc|dn|dn_\d+)")
 RUNS = Path("runs")
 
 
@@ -97,18 +99,23 @@ def claim_folder(root: Path, name: str) -> Path:
 
 
 def layer_terms(keys) -> list[str]:
-    """The per-layer loss terms among ``keys`` (``loss_ce_0``, ..., ``loss_giou_enc``) in
-    layer order, the encoder's last."""
+    """The per-layer loss terms among ``keys`` (``loss_ce_0``, ..., ``loss_giou_enc``,
+    ``loss_ce_dn_0``, ..., ``loss_ce_dn``) in layer order: the decoder's, the encoder's,
+    then the denoising queries'."""
     found = [(m, k) for k in keys if (m := LAYER_TERM.fullmatch(k))]
-    order = lambda mk: (mk[0][2] == "enc", int(mk[0][2]) if mk[0][2].isdigit() else 0,  # noqa: E731
-                        TERMS.index(mk[0][1]))
+
+    def order(mk):
+        part = mk[0][2]
+        kind = 2 if part.startswith("dn") else 1 if part == "enc" else 0
+        layer = int(part.rsplit("_", 1)[-1]) if part[-1].isdigit() else 10**6
+        return kind, layer, TERMS.index(mk[0][1])
     return [k for _, k in sorted(found, key=order)]
 
 
 def num_layers(rows: list[dict]) -> int:
     """Decoder layers whose terms the rows hold: the aux layers plus the final one."""
     layers = {LAYER_TERM.fullmatch(k)[2] for k in layer_terms(rows[-1])} if rows else set()
-    return len(layers - {"enc"}) + 1
+    return len({p for p in layers if p.isdigit()}) + 1
 
 
 def read_metrics(run: Path) -> list[dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,6 +56,7 @@ class Run:
     val_set: DetectionDataset | None
     resume: dict | None = None       # the checkpoint continued from
     weights: dict | None = None      # fine-tuning: the source and what was transferred
+    notes: list[str] = field(default_factory=list)   # said first: choices made for the data
 
 
 def resume_run(out: str | None, train_overrides: dict) -> Run:
@@ -125,6 +126,31 @@ def train_config(arch: str, kind: str, spec: dict, train_overrides: dict) -> Tra
     return cfg
 
 
+def fit_sizes(cfg: TrainConfig, kind: str, spec: dict, train_overrides: dict,
+              datasets) -> tuple[TrainConfig, str | None]:
+    """A user's data gets the image sizes of its recipe: the shapes preset's own size, or
+    the paper's fitted to the data (``presets.sized_for_data``); sizes given with ``--set
+    augment.*`` and the built-in data's are kept. The datasets are switched to them;
+    returns the config and the line that says what was chosen and why."""
+    if spec["kind"] == "shapes":
+        return cfg, None
+    if any(k.startswith("augment") for k in train_overrides):
+        note = (f"image sizes: as --set augment.* says (training at "
+                f"{min(cfg.augment.train_scales)}-{max(cfg.augment.train_scales)}, "
+                f"evaluating at {cfg.augment.eval_size})")
+    elif kind == "shapes":
+        cfg = dataclasses.replace(cfg, augment=presets.shapes_augment())
+        note = (f"image sizes: the shapes preset's, {presets.SHAPES_SIZE} px in training and "
+                "evaluation (the size its recipe is tuned for)")
+    else:
+        aug, note = presets.sized_for_data(cfg.augment, presets.data_sides(datasets[0]))
+        cfg = dataclasses.replace(cfg, augment=aug)
+    for d in datasets:
+        if d is not None:
+            d.augment_cfg = cfg.augment
+    return cfg, note
+
+
 def run_folder(arch: str, out: str | None, world: int) -> Path:
     """``out``, or a new ``runs/ARCH-TIME`` that rank 0 claims by creating it (``-2``,
     ``-3``, ... for runs started in the same second) and tells the other ranks; never a
@@ -151,6 +177,7 @@ def new_run(arch: str, spec: dict, out: str | None, preset: str | None,
     kind = preset or ("shapes" if spec["kind"] == "shapes" else "paper")
     cfg = train_config(arch, kind, spec, train_overrides)
     train_set, val_set = make_datasets(spec, cfg)
+    cfg, sizes = fit_sizes(cfg, kind, spec, train_overrides, (train_set, val_set))
     overrides = {**presets.preset(arch, kind).model, **model_overrides,
                  "num_classes": len(train_set.category_ids)}
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
@@ -162,7 +189,8 @@ def new_run(arch: str, spec: dict, out: str | None, preset: str | None,
             warnings.warn(note, stacklevel=2)
     if backbone_weights:
         model.backbone.load_weights(backbone_weights)
-    return Run(model, cfg, spec, run_folder(arch, out, world), train_set, val_set)
+    return Run(model, cfg, spec, run_folder(arch, out, world), train_set, val_set,
+               notes=[sizes] if sizes else [])
 
 
 def finetune_run(weights: str, arch: str | None, spec: dict, out: str | None,
@@ -178,6 +206,7 @@ def finetune_run(weights: str, arch: str | None, spec: dict, out: str | None,
     kind = preset or ("shapes" if spec["kind"] == "shapes" else "paper")
     cfg = train_config(source.arch, kind, spec, train_overrides)
     train_set, val_set = make_datasets(spec, cfg)
+    cfg, sizes = fit_sizes(cfg, kind, spec, train_overrides, (train_set, val_set))
     overrides = {**model_overrides, "num_classes": len(train_set.category_ids)}
     if freeze_backbone:  # no gradients and fixed BatchNorm statistics
         overrides.update(backbone_trainable=0, frozen_bn=True)
@@ -187,7 +216,7 @@ def finetune_run(weights: str, arch: str | None, spec: dict, out: str | None,
     model.category_ids, model.class_names = train_set.category_ids, train_set.class_names
     report = transfer(source, model, str(weights))
     return Run(model, cfg, spec, run_folder(source.arch, out, world), train_set, val_set,
-               weights=report.to_json())
+               weights=report.to_json(), notes=[sizes] if sizes else [])
 
 
 @stopping_clearly()  # under torchrun: a peer lost while setting up, said in one line
@@ -258,6 +287,8 @@ def announce(run: Run, world: int, device: torch.device) -> None:
     from rich.markup import escape
 
     model, cfg = run.model, run.cfg
+    for note in run.notes:
+        console.print(note, highlight=False)
     folder = RunFolder(run.out)
     if run.resume is not None:  # a resumed fine-tuning run still says where its weights came from
         run.weights = folder.read_config().get("weights")

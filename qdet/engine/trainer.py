@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ..blocks.base import Detector
 from ..common.files import remove_stale_temporaries, write_atomic
-from ..common.terminal import console, progress_bar, stats_table
+from ..common.terminal import console, stats_table
 from ..data.datasets import DetectionDataset, collate
 from ..data.errors import DataError
 from ..ops.modes import bf16_native
@@ -38,10 +34,12 @@ from ..weights.checkpoint import model_checkpoint, save_checkpoint
 from . import budget
 from .budget import PassIndexed, StreamSampler
 from .config import TrainConfig
+from .ema import ModelEMA
 from .evaluation import evaluate, predict_dataset
 from .optim import Optimization, lr_factor, make_optimization, total_steps
 from .run_folder import RunFolder, restore_rows
 from .run_log import RunLog
+from .step import train_one_epoch
 
 # ---------------------------------------------------------------------- distribution
 
@@ -73,13 +71,6 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.precision not in ("fp32", "bf16", "auto"):
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {cfg.precision!r}")
     return cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_native(device))
-
-
-def to_device(images, targets, device):
-    images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
-               for t in targets]
-    return images, targets
 
 
 # ------------------------------------------------------------------------- training
@@ -131,83 +122,13 @@ def part_loader(train_set: DetectionDataset, cfg: TrainConfig, part: int, world:
         start, stop = bounds[part], bounds[part + 1]
     else:
         start, stop = 0, None
-    per_step = cfg.batch_size * world
+    per_step = cfg.batch_size * cfg.accumulate * world
     sampler = StreamSampler(len(train_set), cfg.seed, start * per_step,
                             None if stop is None else stop * per_step, rank, world)
     loader = DataLoader(PassIndexed(train_set), batch_size=cfg.batch_size, sampler=sampler,
                         num_workers=cfg.num_workers, collate_fn=collate,
                         persistent_workers=False, pin_memory=device.type == "cuda")
     return loader, (cfg.time.warmup if stop is None else stop - start)
-
-
-def train_step(net, opt: Optimization, images, targets, cfg: TrainConfig, bf16: bool,
-               where: str, params) -> dict[str, Tensor]:
-    """One optimization step; returns the logged losses: the weighted total, every term of
-    every layer (``loss_ce``, ``loss_ce_0``, ..., ``loss_ce_enc``) and the encoder's
-    weighted total (``loss_enc``) where there is one."""
-    with torch.autocast(images[0].device.type, dtype=torch.bfloat16, enabled=bf16):
-        outputs = net(images)
-    lr = opt.optimizer.param_groups[0]["lr"]
-    try:
-        losses = opt.criterion(outputs, targets)  # in float32
-    except FloatingPointError as e:  # the matcher's costs are not finite
-        raise FloatingPointError(f"training stopped at {where}: {e}; lower --lr (this "
-                                 f"step's: {lr:.3g}) or check the data") from None
-    loss = opt.criterion.weighted(losses)
-    if not torch.isfinite(loss):
-        values = {k: v.item() for k, v in losses.items()}
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        raise FloatingPointError(
-            f"training stopped at {where}: loss is {loss.item()} (not finite: "
-            f"{', '.join(bad) or 'the weighted sum'}; terms: "
-            f"{ {k: round(v, 4) for k, v in values.items()} }); lower --lr (this step's: "
-            f"{lr:.3g}) or check the data")
-    opt.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.clip_max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip_max_norm)
-    opt.optimizer.step()
-    opt.scheduler.step()
-    logged = {"loss": loss, **losses}
-    enc = {k: v for k, v in losses.items() if k.endswith("_enc")}
-    if enc:  # two-stage / dense-prior models: the encoder's own set loss
-        logged["loss_enc"] = opt.criterion.weighted(enc)
-    return logged
-
-
-def train_one_epoch(net, model: Detector, opt: Optimization, loader: DataLoader, steps: int,
-                    cfg: TrainConfig, device: torch.device, bf16: bool, epoch: int,
-                    title: str, show: bool, log: RunLog | None = None,
-                    on_step: Callable[[int], int | None] | None = None) -> dict:
-    """``steps`` steps of ``loader`` with a progress bar; returns their mean losses, lr,
-    steps and seconds. ``on_step(done)`` may return a new number of steps (a timed run's
-    plan)."""
-    t0 = time.time()
-    sums: dict[str, float] = {}
-    n = 0
-    net.train()
-    with progress_bar(disable=not show) as bar:
-        task = bar.add_task(title, total=steps, info="")
-        for images, targets in loader:
-            images, targets = to_device(images, targets, device)
-            lr = opt.optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves on)
-            logged = train_step(net, opt, images, targets, cfg, bf16,
-                                f"epoch {epoch + 1}, step {n}", model.parameters())
-            values = torch.stack([v.detach() for v in logged.values()]).tolist()  # 1 sync
-            for k, v in zip(logged, values):
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-            if log is not None:
-                log.add_step(opt.scheduler.last_epoch, values[0], lr)
-            if on_step is not None:
-                steps = on_step(n) or steps
-            bar.update(task, advance=1, total=steps, info=f"loss {sums['loss'] / n:.3f} "
-                       f"lr {lr:.3g} {n / max(time.time() - t0, 1e-9):.2f} it/s")
-            if n >= steps:
-                break
-    return {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
-            "lr": opt.optimizer.param_groups[0]["lr"], "steps": n,
-            "train_seconds": time.time() - t0}
 
 
 class WarmupPlanner:
@@ -270,11 +191,14 @@ def record_plan(out: Path, cfg: TrainConfig) -> None:
 
 
 def save_epoch(model: Detector, opt: Optimization, state: RunState, cfg: TrainConfig,
-               data_spec: dict, metrics: dict, out: Path, evaluated: bool) -> bool:
+               data_spec: dict, metrics: dict, out: Path, evaluated: bool,
+               ema: ModelEMA | None = None) -> bool:
     """Rank 0 after an epoch: ``best.pt`` when the AP improved (or without validation data),
     then ``last.pt`` (everything to resume), then a line in ``metrics.jsonl``. In this order
     a run killed at any point resumes from a last.pt whose best.pt and metrics are
     consistent with it (``run_log.restore_rows`` restores a line lost after last.pt).
+    With ``ema`` both hold the averaged weights as their model (what eval, predict and
+    export read), and last.pt also the trained ones and the average's state, to resume.
     Returns whether the AP improved."""
     bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:  # a step at a NaN lr, or a NaN gradient: finite loss, ruined weights
@@ -284,14 +208,19 @@ def save_epoch(model: Detector, opt: Optimization, state: RunState, cfg: TrainCo
     ap = metrics.get("AP", -1.0)
     improved = ap > state.best_ap or not evaluated
     state.best_ap = max(state.best_ap, ap)
+    extra = {}
+    if ema is not None:
+        extra = {"train_model": model.state_dict(), "ema": ema.state()}
+        model = ema.module
     ckpt = model_checkpoint(model, epoch=state.epoch, best_ap=state.best_ap,
                             optimizer=opt.optimizer.state_dict(),
                             scheduler=opt.scheduler.state_dict(),
-                            train=dataclasses.asdict(cfg), data=data_spec, metrics=metrics)
+                            train=dataclasses.asdict(cfg), data=data_spec, metrics=metrics,
+                            **extra)
     folder = RunFolder(out)
     if improved or not folder.best.exists():
         save_checkpoint(folder.best, {k: v for k, v in ckpt.items()
-                                      if k not in ("optimizer", "scheduler")})
+                                      if k not in ("optimizer", "scheduler", "train_model")})
     save_checkpoint(folder.last, ckpt)
     append_metrics(out, metrics)
     return improved
@@ -301,12 +230,32 @@ def append_metrics(out: Path, metrics: dict) -> None:
     RunFolder(out).append_metrics(metrics)
 
 
+def make_ema(model: Detector, cfg: TrainConfig, resume: dict | None) -> ModelEMA | None:
+    """The moving average of ``model``'s weights (``--ema``), continued from ``resume``:
+    the checkpoint's model is the average, its ``train_model`` the trained weights."""
+    if not cfg.ema.enabled:
+        return None
+    if resume is None or "ema" not in resume:
+        ema = ModelEMA(model, cfg.ema)
+    else:
+        averaged = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(resume["train_model"])
+        ema = ModelEMA(model, cfg.ema, resume["ema"]["updates"])
+        ema.module.load_state_dict(averaged)
+    if cfg.channels_last:
+        ema.module.to(memory_format=torch.channels_last)
+    return ema
+
+
 def check_batches(train_set: DetectionDataset, cfg: TrainConfig, world: int) -> None:
-    """An epoch drops the last partial batch: fewer images than one batch train nothing."""
-    if len(train_set) < cfg.batch_size * world:
+    """An epoch drops the last partial step: fewer images than one step train nothing."""
+    step = cfg.batch_size * cfg.accumulate * world
+    if len(train_set) < step:
         raise DataError(f"{train_set.source}: {len(train_set)} training image(s), fewer than "
-                        f"one batch of {cfg.batch_size} per process x {world} process(es); "
-                        "lower --batch-size")
+                        f"one step of {cfg.batch_size} per process x {world} process(es)"
+                        + (f" x {cfg.accumulate} micro-batches" if cfg.accumulate > 1 else "")
+                        + "; lower --batch-size" + (" or --accumulate" if cfg.accumulate > 1
+                                                    else ""))
 
 
 def part_title(cfg: TrainConfig, epoch: int) -> str:
@@ -325,7 +274,7 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
     out = Path(out)
     model.preprocess = {"size": cfg.augment.eval_size, "max_size": cfg.augment.max_size}
     model.to(device)
-    steps_per_epoch = max(len(train_set) // (cfg.batch_size * world), 1)
+    steps_per_epoch = max(len(train_set) // (cfg.batch_size * cfg.accumulate * world), 1)
     opt = make_optimization(model, cfg, total_steps(cfg, steps_per_epoch), device, resume)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True) if world > 1 else None
@@ -334,6 +283,7 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
         state = RunState(epoch=resume["epoch"], best_ap=resume.get("best_ap", -1.0))
         before = resume.get("metrics") or {}
     bf16 = use_bf16(cfg, device)
+    ema = make_ema(model, cfg, resume)
     net = prepare_model(model, cfg, device, world)
     log = None
     if rank == 0:
@@ -355,28 +305,29 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
                                             rank)
             else:
                 loader = epoch_loader(train_set, sampler, cfg, epoch, device)
-                steps = len(loader)
+                steps = len(loader) // cfg.accumulate
             metrics = train_one_epoch(net, model, opt, loader, steps, cfg, device, bf16, epoch,
-                                      part_title(cfg, epoch), rank == 0, log, planner)
+                                      part_title(cfg, epoch), rank == 0, log, planner, ema)
             if planner is not None:
                 cfg = planner.cfg
                 if rank == 0:
                     record_plan(out, cfg)
-            images += metrics["steps"] * cfg.batch_size * world
+            images += metrics["steps"] * cfg.batch_size * cfg.accumulate * world
             metrics.update(world_size=world, bf16=bf16, step=opt.scheduler.last_epoch,
                            images=images)
             last = epoch + 1 == num_parts(cfg)
             evaluate_now = val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or last)
             results = None
             if evaluate_now:
-                stats, results = evaluate(net, val_set, device, batch_size=cfg.batch_size,
+                judged = net if ema is None else ema.module     # what best.pt will hold
+                stats, results = evaluate(judged, val_set, device, batch_size=cfg.batch_size,
                                           num_workers=cfg.num_workers, bf16=bf16)
                 metrics.update(stats)
             metrics["time"] = seconds + budget.clock() - start
             state.epoch = epoch + 1
             if rank == 0:
                 improved = save_epoch(model, opt, state, cfg, data_spec, metrics, out,
-                                      val_set is not None)
+                                      val_set is not None, ema)
                 if improved and results is not None:  # what `qdet eval best.pt` would write
                     write_atomic(RunFolder(out).best_results, json.dumps(results))
                 log.add_epoch(metrics)

@@ -16,6 +16,11 @@ What differs from DETR:
 - One C5 level (optionally dilated: DC5), GroupNorm after the input projection; focal loss;
   paper defaults: 6+6 layers, FFN 1024, dropout 0.
 
+Training-only queries (``qdet.blocks.denoising``): a denoising query's anchor point is its
+noised box's centre (encoded as the anchors are) and its content the embedding of its noised
+label; query groups each have their own anchor points and pattern embeddings (a fixed grid
+is shared).
+
 Module names follow the official repository (megvii-research/AnchorDETR), whose checkpoints
 load without renaming (``qdet.weights.official``). Its training script dilates by default: C5 and DC5
 checkpoints have identical keys, so say which one you load (``args.dilation`` in the file, or
@@ -41,6 +46,7 @@ from ..blocks.base import (
     focal_loss_config,
     layer_outputs,
 )
+from ..blocks.denoising import DNConfig, QueryMask, check_query_groups, dn_modules, plan_queries
 from ..blocks.position_encoding import sine_embed_points
 
 
@@ -66,6 +72,8 @@ class Config:
     attention: str = "rcda"          # or "standard"
     aux_loss: bool = True
     loss: LossConfig = field(default_factory=focal_loss_config)
+    dn: DNConfig = field(default_factory=DNConfig)           # denoising training
+    query_groups: int = 1                                      # Group DETR (1: off)
 
     @property
     def num_queries(self) -> int:
@@ -179,9 +187,13 @@ class DecoderLayer(nn.Module):
         self.dropout2, self.norm2 = nn.Dropout(cfg.dropout), nn.LayerNorm(d)
         self.ffn = FFN(d, cfg.dim_feedforward, cfg.dropout)
 
-    def forward(self, tgt, qpos, qpos_x, qpos_y, mem, pad, pos_row, pos_col, pos_2d):
+    def forward(self, tgt, qpos, qpos_x, qpos_y, mem, pad, pos_row, pos_col, pos_2d,
+                self_mask: QueryMask | None = None):
         q = tgt + qpos
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, q, tgt, need_weights=False)[0]))
+        blocked = None if self_mask is None else \
+            self_mask.for_mha(self.self_attn.num_heads)[0]
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, q, tgt, attn_mask=blocked,
+                                                            need_weights=False)[0]))
         if self.rcda:
             out = self.cross_attn(tgt + qpos_x, tgt + qpos_y, mem + pos_row, mem + pos_col, mem,
                                   pad)
@@ -200,9 +212,9 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
-        self.pattern = nn.Embedding(cfg.num_patterns, d)
+        self.pattern = nn.Embedding(cfg.num_patterns * cfg.query_groups, d)
         if cfg.spatial_prior == "learned":
-            self.position = nn.Embedding(cfg.num_anchors, 2)
+            self.position = nn.Embedding(cfg.num_anchors * cfg.query_groups, 2)
             nn.init.uniform_(self.position.weight, 0, 1)
         elif cfg.spatial_prior != "grid":
             raise ValueError("spatial_prior must be 'learned' or 'grid', got "
@@ -218,17 +230,32 @@ class Transformer(nn.Module):
         self.class_embed = nn.ModuleList([class_head] * cfg.dec_layers)
         self.bbox_embed = nn.ModuleList([box_head] * cfg.dec_layers)
 
-    def anchors(self, device) -> Tensor:
-        """Anchor points ``[A, 2]`` (x, y) in [0, 1]."""
+    def anchors(self, device, group: int = 0) -> Tensor:
+        """Anchor points ``[A, 2]`` (x, y) in [0, 1] of query group ``group``."""
         if self.cfg.spatial_prior == "learned":
-            return self.position.weight
+            a = self.cfg.num_anchors
+            return self.position.weight[group * a:(group + 1) * a]
         n = round(math.sqrt(self.cfg.num_anchors))
         c = (torch.arange(n, dtype=torch.float32, device=device) + 0.5) / n
         gx, gy = torch.meshgrid(c, c, indexing="ij")  # x varies slowest, as the official grid
         return torch.stack([gx.reshape(-1), gy.reshape(-1)], -1)
 
-    def forward(self, src: Tensor, mask: Tensor):
-        """src [B,d,H,W], mask [B,H,W] -> per-layer logits and boxes ``[L,B,Q,*]``."""
+    def queries(self, device, groups: int) -> tuple[Tensor, Tensor]:
+        """Reference points ``[K*Q, 2]`` and content ``[K*Q, d]`` of ``groups`` query groups,
+        each pattern-major (patterns x anchors)."""
+        refs, tgts = [], []
+        p = self.cfg.num_patterns
+        for g in range(groups):
+            anchors = self.anchors(device, g)
+            refs.append(anchors.repeat(p, 1))
+            tgts.append(self.pattern.weight[g * p:(g + 1) * p].repeat_interleave(
+                anchors.shape[0], 0))
+        return torch.cat(refs), torch.cat(tgts)
+
+    def forward(self, src: Tensor, mask: Tensor, groups: int = 1, prefix=None,
+                self_mask: QueryMask | None = None):
+        """src [B,d,H,W], mask [B,H,W] -> per-layer logits and boxes ``[L,B,Q,*]``;
+        ``groups`` query groups, after ``prefix`` (content, anchor point) queries."""
         cfg, d = self.cfg, self.cfg.d_model
         b = src.shape[0]
         y, x = axis_positions(mask, src.dtype)
@@ -243,15 +270,17 @@ class Transformer(nn.Module):
         mem = src.permute(0, 2, 3, 1)
         for layer in self.encoder_layers:
             mem = layer(mem, mask, pos_row, pos_col, pos_2d)
-        anchors = self.anchors(src.device)
-        ref = anchors.repeat(cfg.num_patterns, 1)[None].expand(b, -1, -1)     # pattern-major
-        tgt = self.pattern.weight.repeat_interleave(anchors.shape[0], 0)[None].expand(b, -1, -1)
+        ref, tgt = self.queries(src.device, groups)
+        ref, tgt = ref[None].expand(b, -1, -1), tgt[None].expand(b, -1, -1)
+        if prefix is not None:
+            tgt, ref = (torch.cat([p.to(t.dtype), t], 1) for p, t in zip(prefix, (tgt, ref)))
         qpos = self.adapt_pos2d(sine_embed_points(ref, d // 2))
         qpos_x = self.adapt_pos1d(sine_1d(ref[..., 0], d))
         qpos_y = self.adapt_pos1d(sine_1d(ref[..., 1], d))
         logits, boxes = [], []
         for i, layer in enumerate(self.decoder_layers):
-            tgt = layer(tgt, qpos, qpos_x, qpos_y, mem, mask, pos_row, pos_col, pos_2d)
+            tgt = layer(tgt, qpos, qpos_x, qpos_y, mem, mask, pos_row, pos_col, pos_2d,
+                        self_mask)
             logits.append(self.class_embed[i](tgt))
             boxes.append(box_from_reference(self.bbox_embed[i](tgt), ref))
         return torch.stack(logits), torch.stack(boxes)
@@ -262,8 +291,10 @@ class AnchorDETR(Detector):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
+        check_query_groups(cfg.query_groups)
         d = cfg.d_model
         self.transformer = Transformer(cfg)
+        self.dn_label = dn_modules(cfg.dn, cfg.num_classes, d)
         self.backbone = Backbone(cfg.backbone, (cfg.backbone_layer,), cfg.dilation,
                                  cfg.frozen_bn, cfg.backbone_trainable)
         conv = nn.Conv2d(self.backbone.channels[-1], d, kernel_size=1)
@@ -275,11 +306,16 @@ class AnchorDETR(Detector):
         return {f"transformer.class_embed.{i}": "classes"
                 for i in range(len(self.transformer.class_embed))}
 
-    def forward(self, images) -> dict:
+    def forward(self, images, targets: list[dict] | None = None) -> dict:
         x, mask = batch_images(images)
         (feat, mask), = self.backbone(x, mask)
-        logits, boxes = self.transformer(self.input_proj[0](feat), mask)
-        return layer_outputs(logits, boxes, self.config.aux_loss)
+        plan = plan_queries(self, targets)
+        prefix = None
+        if plan.dn is not None:   # the noised centre is the anchor point
+            prefix = (self.dn_label(plan.dn.labels), plan.dn.boxes[..., :2])
+        logits, boxes = self.transformer(self.input_proj[0](feat), mask, plan.groups, prefix,
+                                         plan.mask)
+        return plan.finish(layer_outputs(logits, boxes, self.config.aux_loss), self.dn_label)
 
 
 SPEC = MethodSpec(Config, AnchorDETR)

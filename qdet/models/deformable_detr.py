@@ -17,6 +17,15 @@ What differs from DETR:
   as in the official code).
 - Sigmoid focal loss with the focal class cost, top-100 over queries x classes at inference.
 
+Training-only queries (``qdet.blocks.denoising``): a denoising query's content is the
+embedding of its noised label; its reference is the noised box (two-stage, where queries
+are boxes) or its centre (otherwise, where learned reference points are points), and its
+positional query comes from it the way the method's own do (two-stage: the proposals'
+``pos_trans``; otherwise the sine embedding of the centre through a small MLP, ``dn_pos``).
+Query groups: each has its own rows of ``query_embed``; in two-stage models, where queries
+are the encoder's top-k proposals, group g takes the proposals ranked g*k to (g+1)*k-1, so
+group 0 is what inference runs (as H-DETR's one-to-many branch takes more proposals).
+
 The encoder and decoder layers, the multi-scale input and the two-stage proposals are in
 ``qdet.blocks.layers`` (Efficient DETR builds on them too). Module names follow the official
 repository, so its checkpoints load after renaming the backbone prefix and dropping the
@@ -40,6 +49,7 @@ from ..blocks.base import (
     focal_loss_config,
     layer_outputs,
 )
+from ..blocks.denoising import DNConfig, check_query_groups, dn_modules, plan_queries
 from ..blocks.layers import (
     DeformableDecoder,
     DeformableEncoder,
@@ -75,6 +85,8 @@ class Config:
     two_stage: bool = False
     aux_loss: bool = True
     loss: LossConfig = field(default_factory=focal_loss_config)
+    dn: DNConfig = field(default_factory=DNConfig)           # denoising training
+    query_groups: int = 1                                      # Group DETR (1: off)
 
 
 class Transformer(nn.Module):
@@ -101,10 +113,24 @@ class Transformer(nn.Module):
             nn.init.xavier_uniform_(self.reference_points.weight)
             nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
+        # denoising queries' positional query from their reference point (two-stage models
+        # derive theirs from their boxes with pos_trans, as their proposals)
+        self.dn_pos = MLP(d, d, d, 2) if cfg.dn.enabled and not cfg.two_stage else None
 
-    def forward(self, srcs, masks, pos, query_embed, class_embed, bbox_embed):
+    def dn_queries(self, content, boxes):
+        """``(content, positional query, reference)`` of denoising queries."""
+        d = self.cfg.d_model
+        if self.cfg.two_stage:
+            emb = sine_embed_points(boxes, d // 2, y_first=False)
+            return content, self.pos_trans_norm(self.pos_trans(emb))[..., :d], boxes
+        centre = boxes[..., :2]
+        return content, self.dn_pos(sine_embed_points(centre, d // 2)), centre
+
+    def forward(self, srcs, masks, pos, query_embed, class_embed, bbox_embed, groups=1,
+                prefix=None, self_mask=None):
         """Returns (hs [L,B,Q,d], initial reference, references after each layer,
-        encoder outputs or None)."""
+        encoder outputs or None). ``groups`` query groups of ``num_queries``, after
+        ``prefix`` (content, noised boxes) denoising queries."""
         src, pad, pos, shapes, ratios = flatten_levels(srcs, masks, pos, self.level_embed)
         memory = self.encoder(src, pos, shapes, ratios, pad)
         b, d = memory.shape[0], memory.shape[2]
@@ -115,7 +141,7 @@ class Transformer(nn.Module):
             enc_logits = class_embed[self.cfg.dec_layers](out_mem)
             enc_coords = bbox_embed[self.cfg.dec_layers](out_mem) + props         # logit space
             enc = {"pred_logits": enc_logits, "pred_boxes": enc_coords.sigmoid()}
-            top = enc_logits[..., 0].topk(self.cfg.num_queries, dim=1)[1]
+            top = enc_logits[..., 0].topk(self.cfg.num_queries * groups, dim=1)[1]
             coords = torch.gather(enc_coords, 1, top[..., None].expand(-1, -1, 4)).detach()
             ref = coords.sigmoid()
             emb = sine_embed_points(ref, d // 2, y_first=False)
@@ -125,8 +151,12 @@ class Transformer(nn.Module):
             query_pos = query_pos[None].expand(b, -1, -1)
             tgt = tgt[None].expand(b, -1, -1)
             ref = self.reference_points(query_pos).sigmoid()
+        if prefix is not None:
+            tgt, query_pos, ref = (torch.cat([p.to(t.dtype), t], 1) for p, t in
+                                   zip(self.dn_queries(*prefix), (tgt, query_pos, ref)))
         refiner = bbox_embed if self.cfg.with_box_refine else None
-        hs, refs = self.decoder(tgt, query_pos, ref, memory, shapes, ratios, pad, refiner)
+        hs, refs = self.decoder(tgt, query_pos, ref, memory, shapes, ratios, pad, refiner,
+                                self_mask)
         return hs, ref, refs, enc
 
 
@@ -141,13 +171,14 @@ class DeformableDETR(Detector):
         if cfg.two_stage and not cfg.with_box_refine:
             raise ValueError("two_stage needs with_box_refine (as in the official code): "
                              "set both")
+        check_query_groups(cfg.query_groups)
         d = cfg.d_model
         self.backbone, self.input_proj = multiscale_input(
             cfg.backbone, cfg.dilation, cfg.frozen_bn, cfg.backbone_trainable, d,
             cfg.num_feature_levels)
         self.transformer = Transformer(cfg)
         if not cfg.two_stage:
-            self.query_embed = nn.Embedding(cfg.num_queries, 2 * d)
+            self.query_embed = nn.Embedding(cfg.num_queries * cfg.query_groups, 2 * d)
         class_head, box_head = nn.Linear(d, cfg.num_classes), MLP(d, d, 4, 3)
         nn.init.constant_(class_head.bias, -math.log((1 - 0.01) / 0.01))  # prior prob 0.01
         nn.init.zeros_(box_head.layers[-1].weight)
@@ -163,6 +194,7 @@ class DeformableDETR(Detector):
         else:  # one head shared by every layer
             self.class_embed = nn.ModuleList([class_head] * n_pred)
             self.bbox_embed = nn.ModuleList([box_head] * n_pred)
+        self.dn_label = dn_modules(cfg.dn, cfg.num_classes, d)
 
     def class_heads(self) -> dict[str, str]:
         """One head per prediction (shared by all without box refinement); the two-stage
@@ -176,21 +208,26 @@ class DeformableDETR(Detector):
         """Projected multi-scale maps, their padding masks and position encodings."""
         return multiscale_features(self.backbone, self.input_proj, images, self.config.d_model)
 
-    def forward(self, images) -> dict:
+    def forward(self, images, targets: list[dict] | None = None) -> dict:
+        cfg = self.config
         srcs, masks, pos = self.features(images)
-        query = None if self.config.two_stage else self.query_embed.weight
+        plan = plan_queries(self, targets)
+        query = None if cfg.two_stage else self.query_embed.weight[:cfg.num_queries * plan.groups]
+        prefix = None
+        if plan.dn is not None:
+            prefix = (self.dn_label(plan.dn.labels), plan.dn.boxes)
         hs, ref0, refs, enc = self.transformer(srcs, masks, pos, query, self.class_embed,
-                                               self.bbox_embed)
+                                               self.bbox_embed, plan.groups, prefix, plan.mask)
         logits, boxes = [], []
         for lvl in range(hs.shape[0]):
             ref = ref0 if lvl == 0 else refs[lvl - 1]
             logits.append(self.class_embed[lvl](hs[lvl]))
             boxes.append(box_from_reference(self.bbox_embed[lvl](hs[lvl]), ref))
         logits, boxes = torch.stack(logits), torch.stack(boxes)
-        out = layer_outputs(logits, boxes, self.config.aux_loss)
+        out = layer_outputs(logits, boxes, cfg.aux_loss)
         if enc is not None:
             out["enc_outputs"] = enc
-        return out
+        return plan.finish(out, self.dn_label, self.transformer.dn_pos)
 
 
 SPEC = MethodSpec(Config, DeformableDETR)

@@ -8,6 +8,11 @@ attention layer (paper Fig. 10); the decoder starts from zeros; layers are post-
 decoder layer is supervised (auxiliary losses). The first decoder layer's self-attention
 only sees zeros and may be skipped (paper appendix, ``skip_first_self_attn``).
 
+Training-only queries (``qdet.blocks.denoising``): a denoising query's content is the
+embedding of its noised label and its positional query the sine embedding of its noised box
+through a small MLP (``dn_pos``), in place of a learned query embedding; query groups each
+have their own rows of ``query_embed``.
+
 The module and parameter names follow the official repository, so its checkpoints load by
 renaming the backbone prefix alone (``qdet.weights.official``).
 """
@@ -21,8 +26,9 @@ from torch import Tensor, nn
 
 from ..blocks.backbone import Backbone
 from ..blocks.base import MLP, Detector, LossConfig, MethodSpec, batch_images, layer_outputs
+from ..blocks.denoising import DNConfig, QueryMask, check_query_groups, dn_modules, plan_queries
 from ..blocks.layers import DETREncoder
-from ..blocks.position_encoding import sine_position_embedding
+from ..blocks.position_encoding import sine_embed_points, sine_position_embedding
 
 
 @dataclass
@@ -45,6 +51,8 @@ class Config:
     aux_loss: bool = True
     skip_first_self_attn: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
+    dn: DNConfig = field(default_factory=DNConfig)           # denoising training
+    query_groups: int = 1                                      # Group DETR (1: off)
 
 
 class DecoderLayer(nn.Module):
@@ -63,12 +71,15 @@ class DecoderLayer(nn.Module):
         self.pre_norm = pre_norm
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor,
-                pad: Tensor | None) -> Tensor:
+                pad: Tensor | None, self_mask: QueryMask | None = None) -> Tensor:
         # tgt, query_pos: [B,Q,d]; memory, pos: [B,HW,d]
         if self.self_attn is not None:
             x = self.norm1(tgt) if self.pre_norm else tgt
             q = x + query_pos
-            tgt = tgt + self.dropout1(self.self_attn(q, q, x, need_weights=False)[0])
+            blocked = None if self_mask is None else \
+                self_mask.for_mha(self.self_attn.num_heads)[0]
+            tgt = tgt + self.dropout1(self.self_attn(q, q, x, attn_mask=blocked,
+                                                     need_weights=False)[0])
             if not self.pre_norm:
                 tgt = self.norm1(tgt)
         x = self.norm2(tgt) if self.pre_norm else tgt
@@ -90,11 +101,11 @@ class Decoder(nn.Module):
             for i in range(cfg.dec_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, tgt, memory, pos, query_pos, pad) -> Tensor:
+    def forward(self, tgt, memory, pos, query_pos, pad, self_mask=None) -> Tensor:
         """Returns the normalized output of every layer, ``[L,B,Q,d]``."""
         hs = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, pos, query_pos, pad)
+            tgt = layer(tgt, memory, pos, query_pos, pad, self_mask)
             hs.append(self.norm(tgt))
         return torch.stack(hs)
 
@@ -111,14 +122,18 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src: Tensor, mask: Tensor, query: Tensor, pos: Tensor) -> Tensor:
-        # src, pos: [B,d,H,W] -> [B,HW,d]; mask: [B,H,W]; query: [Q,d]
+    def forward(self, src: Tensor, mask: Tensor, query: Tensor, pos: Tensor,
+                tgt: Tensor | None = None, self_mask: QueryMask | None = None) -> Tensor:
+        # src, pos: [B,d,H,W] -> [B,HW,d]; mask: [B,H,W]; query: [Q,d] or [B,Q,d]; tgt: the
+        # queries' content, zeros unless given
         b = src.shape[0]
         src, pos = src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2)
         pad = mask.flatten(1)
         memory = self.encoder(src, pos, pad)
-        query = query[None].expand(b, -1, -1)
-        return self.decoder(torch.zeros_like(query), memory, pos, query, pad)
+        if query.dim() == 2:
+            query = query[None].expand(b, -1, -1)
+        tgt = torch.zeros_like(query) if tgt is None else tgt
+        return self.decoder(tgt, memory, pos, query, pad, self_mask)
 
 
 class DETR(Detector):
@@ -127,21 +142,37 @@ class DETR(Detector):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
+        check_query_groups(cfg.query_groups)
+        d = cfg.d_model
         self.backbone = Backbone(cfg.backbone, (cfg.backbone_layer,), cfg.dilation,
                                  cfg.frozen_bn, cfg.backbone_trainable)
-        self.input_proj = nn.Conv2d(self.backbone.channels[-1], cfg.d_model, kernel_size=1)
+        self.input_proj = nn.Conv2d(self.backbone.channels[-1], d, kernel_size=1)
         self.transformer = Transformer(cfg)
-        self.query_embed = nn.Embedding(cfg.num_queries, cfg.d_model)
-        self.class_embed = nn.Linear(cfg.d_model, cfg.num_classes + 1)
-        self.bbox_embed = MLP(cfg.d_model, cfg.d_model, 4, 3)
+        self.query_embed = nn.Embedding(cfg.num_queries * cfg.query_groups, d)
+        self.class_embed = nn.Linear(d, cfg.num_classes + 1)
+        self.bbox_embed = MLP(d, d, 4, 3)
+        self.dn_label = dn_modules(cfg.dn, cfg.num_classes, d)
+        self.dn_pos = MLP(2 * d, d, d, 2) if self.dn_label is not None else None
 
-    def forward(self, images) -> dict:
+    def forward(self, images, targets: list[dict] | None = None) -> dict:
+        cfg = self.config
         x, mask = batch_images(images)
         (feat, mask), = self.backbone(x, mask)
-        pos = sine_position_embedding(mask, self.config.d_model // 2).to(feat.dtype)
-        hs = self.transformer(self.input_proj(feat), mask, self.query_embed.weight, pos)
+        pos = sine_position_embedding(mask, cfg.d_model // 2).to(feat.dtype)
+        plan = plan_queries(self, targets)
+        query = self.query_embed.weight[:cfg.num_queries * plan.groups]
+        tgt = None
+        if plan.dn is not None:   # [denoising | matching]: content and positional parts
+            query = query[None].expand(x.shape[0], -1, -1)
+            dn_query = self.dn_pos(sine_embed_points(plan.dn.boxes, cfg.d_model // 2))
+            query = torch.cat([dn_query.to(query.dtype), query], 1)
+            tgt = torch.cat([self.dn_label(plan.dn.labels),
+                             query.new_zeros(query.shape[0], query.shape[1] - plan.n_dn,
+                                             query.shape[2])], 1)
+        hs = self.transformer(self.input_proj(feat), mask, query, pos, tgt, plan.mask)
         logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()  # [L,B,Q,*]
-        return layer_outputs(logits, boxes, self.config.aux_loss)
+        return plan.finish(layer_outputs(logits, boxes, cfg.aux_loss), self.dn_label,
+                           self.dn_pos)
 
 
 SPEC = MethodSpec(Config, DETR)

@@ -19,7 +19,10 @@ Design points and where they come from:
   interaction, from ``qdet.blocks.dynamic_head`` -- then refines the box. Boxes are detached
   between layers.
 - Set loss with Hungarian matching, focal class cost (the shared switch), L1 and GIoU,
-  supervision of every decoder layer. The paper's headline schedule is 1x (12 epochs, lr
+  supervision of every decoder layer.
+- Training-only queries (``qdet.blocks.denoising``): a denoising query is a proposal whose
+  box is the noised box and whose feature is the embedding of its noised label; query groups
+  each have their own proposal boxes and features. The paper's headline schedule is 1x (12 epochs, lr
   drop at 11); its `paper` preset (``qdet.engine.presets``) follows it.
 
 Where the paper is silent, the choice made here (following the Dynamic Head paper by the same
@@ -45,6 +48,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ..blocks.backbone import Backbone
 from ..blocks.base import Detector, LossConfig, MethodSpec, focal_loss_config
+from ..blocks.denoising import DNConfig, check_query_groups, dn_modules, plan_queries
 from ..blocks.dynamic_head import DynamicHead, decode_proposals, learned_proposals, pad_for_pyramid
 from ..ops.deform_conv import DeformConv2d
 from ..ops.modes import exporting
@@ -71,6 +75,8 @@ class Config:
     dropout: float = 0.0
     aux_loss: bool = True
     loss: LossConfig = field(default_factory=focal_loss_config)
+    dn: DNConfig = field(default_factory=DNConfig)           # denoising training
+    query_groups: int = 1                                      # Group DETR (1: off)
 
 
 class DyReLU(nn.Module):
@@ -158,25 +164,34 @@ class DynamicDETR(Detector):
         self.fpn = FeaturePyramidNetwork(self.backbone.channels, d,
                                          LastLevelP6P7(d, d) if cfg.num_levels == 5 else None)
         self.encoder = DynamicEncoder(d, cfg.enc_blocks)
+        check_query_groups(cfg.query_groups)
+        check_query_groups(cfg.query_groups)
+        # every query's box starts as the whole image
         self.init_proposal_features, self.init_proposal_boxes = learned_proposals(
-            cfg.num_queries, d)          # every query's box starts as the whole image
+            cfg.num_queries * cfg.query_groups, d)
         self.head = DynamicHead(
             cfg.dec_layers, num_classes=cfg.num_classes, d=d, nheads=cfg.nheads,
             ffn=cfg.dim_feedforward, dim_dynamic=cfg.dim_dynamic, num_cls=cfg.num_cls,
             num_reg=cfg.num_reg, resolution=cfg.pooler_resolution, dropout=cfg.dropout,
             first_level=3)
+        self.dn_label = dn_modules(cfg.dn, cfg.num_classes, d)
 
     def class_heads(self) -> dict[str, str]:
         return {f"head.head_series.{i}.class_logits": "classes"
                 for i in range(len(self.head.head_series))}
 
-    def forward(self, images) -> dict:
+    def forward(self, images, targets: list[dict] | None = None) -> dict:
+        cfg = self.config
         x, mask, sizes = pad_for_pyramid(images)
         feats = self.backbone(x, mask)
         pyramid = list(self.fpn({str(i): f for i, (f, _) in enumerate(feats)}).values())
-        return decode_proposals(self.head, self.init_proposal_features.weight,
-                                self.init_proposal_boxes.weight, self.encoder(pyramid), sizes,
-                                self.config.aux_loss)
+        plan = plan_queries(self, targets)
+        k = cfg.num_queries * plan.groups
+        prefix = None if plan.dn is None else (self.dn_label(plan.dn.labels), plan.dn.boxes)
+        out = decode_proposals(self.head, self.init_proposal_features.weight[:k],
+                               self.init_proposal_boxes.weight[:k], self.encoder(pyramid), sizes,
+                               cfg.aux_loss, prefix, plan.mask)
+        return plan.finish(out, self.dn_label)
 
 
 SPEC = MethodSpec(Config, DynamicDETR)

@@ -30,6 +30,12 @@ Where the paper is silent, the choice made here:
   (``detach_query``), an option since re-implementations differ here.
 - The dense head reads the encoder memory directly (no extra projection); the training recipe
   follows Deformable DETR (AdamW 2e-4, backbone 2e-5) over the paper's 36 epochs.
+
+Training-only queries (``qdet.blocks.denoising``): a denoising query's reference is its
+noised box (its centre with ``ref_init`` "point" or "learned"), its positional query the
+dense boxes' ``pos_trans`` of that box, its content the embedding of its noised label. Query
+groups: group g takes the positions ranked g*k to (g+1)*k-1 (group 0 is what inference
+runs), and its own rows of ``query_embed`` where queries are learned.
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ from ..blocks.base import (
     focal_loss_config,
     layer_outputs,
 )
+from ..blocks.denoising import DNConfig, check_query_groups, dn_modules, plan_queries
 from ..blocks.layers import (
     DeformableDecoder,
     DeformableEncoder,
@@ -83,6 +90,8 @@ class Config:
     detach_query: bool = True
     aux_loss: bool = True
     loss: LossConfig = field(default_factory=focal_loss_config)
+    dn: DNConfig = field(default_factory=DNConfig)           # denoising training
+    query_groups: int = 1                                      # Group DETR (1: off)
 
 
 class EfficientDETR(Detector):
@@ -95,6 +104,7 @@ class EfficientDETR(Detector):
             raise ValueError(f"ref_init must be 'box', 'point' or 'learned', got {cfg.ref_init!r}")
         if cfg.query_init not in ("dense", "learned"):
             raise ValueError(f"query_init must be 'dense' or 'learned', got {cfg.query_init!r}")
+        check_query_groups(cfg.query_groups)
         d = cfg.d_model
         # backbone, input projections and position encodings exactly as Deformable DETR's
         self.backbone, self.input_proj = multiscale_input(
@@ -106,7 +116,7 @@ class EfficientDETR(Detector):
         self.level_embed = nn.Parameter(torch.empty(cfg.num_feature_levels, d))
         self.pos_trans, self.pos_trans_norm = nn.Linear(d, d), nn.LayerNorm(d)
         if cfg.ref_init == "learned" or cfg.query_init == "learned":
-            self.query_embed = nn.Embedding(cfg.num_queries, 2 * d)
+            self.query_embed = nn.Embedding(cfg.num_queries * cfg.query_groups, 2 * d)
             self.reference_points = nn.Linear(d, 2)
         for p in [*self.encoder.parameters(), *self.decoder.parameters()]:
             if p.dim() > 1:
@@ -120,13 +130,16 @@ class EfficientDETR(Detector):
         nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        self.dn_label = dn_modules(cfg.dn, cfg.num_classes, d)
 
-    def forward(self, images) -> dict:
+    def forward(self, images, targets: list[dict] | None = None) -> dict:
         cfg, d = self.config, self.config.d_model
         srcs, masks, pos = multiscale_features(self.backbone, self.input_proj, images, d)
         src, pad, pos, shapes, ratios = flatten_levels(srcs, masks, pos, self.level_embed)
         memory = self.encoder(src, pos, shapes, ratios, pad)
         b = memory.shape[0]
+        plan = plan_queries(self, targets)
+        k = cfg.num_queries * plan.groups
 
         # dense part: the shared head at every position, boxes from per-position anchors
         anchors, dense_mem = encoder_proposals(memory, pad, shapes)
@@ -136,29 +149,39 @@ class EfficientDETR(Detector):
 
         # dense prior: the top-k positions initialise the sparse part
         score = dense_logits.max(-1).values.masked_fill(torch.isinf(anchors[..., 0]), -1e4)
-        top = score.topk(cfg.num_queries, dim=1).indices
+        top = score.topk(k, dim=1).indices
         boxes = torch.gather(dense_coords, 1, top[..., None].expand(-1, -1, 4)).detach().sigmoid()
         if cfg.query_init == "dense":
             tgt = torch.gather(memory, 1, top[..., None].expand(-1, -1, d))
             if cfg.detach_query:
                 tgt = tgt.detach()
         else:
-            tgt = self.query_embed.weight[None, :, d:].expand(b, -1, -1)
+            tgt = self.query_embed.weight[None, :k, d:].expand(b, -1, -1)
         if cfg.ref_init == "learned":
-            query_pos = self.query_embed.weight[None, :, :d].expand(b, -1, -1)
+            query_pos = self.query_embed.weight[None, :k, :d].expand(b, -1, -1)
             ref = self.reference_points(query_pos).sigmoid()
         else:
             ref = boxes if cfg.ref_init == "box" else boxes[..., :2]
             query_pos = self.pos_trans_norm(self.pos_trans(
                 sine_embed_points(boxes, d // 4, y_first=False)))
 
+        if plan.dn is not None:  # [denoising | matching], placed as the dense boxes are
+            dn_boxes = plan.dn.boxes
+            dn_pos = self.pos_trans_norm(self.pos_trans(
+                sine_embed_points(dn_boxes, d // 4, y_first=False)))
+            dn_ref = dn_boxes if cfg.ref_init == "box" else dn_boxes[..., :2]
+            tgt, query_pos, ref = (torch.cat([p.to(t.dtype), t], 1) for p, t in zip(
+                (self.dn_label(plan.dn.labels), dn_pos, dn_ref), (tgt, query_pos, ref)))
+
         # sparse part: deformable decoder refining the references with the shared head
         refine = [self.bbox_embed] * cfg.dec_layers
-        hs, refs = self.decoder(tgt, query_pos, ref, memory, shapes, ratios, pad, refine)
+        hs, refs = self.decoder(tgt, query_pos, ref, memory, shapes, ratios, pad, refine,
+                                plan.mask)
         logits = torch.stack([self.class_embed(h) for h in hs])
         boxes = torch.stack([box_from_reference(self.bbox_embed(h), r)
                              for h, r in zip(hs, [ref, *refs[:-1]])])
-        return {**layer_outputs(logits, boxes, cfg.aux_loss), "enc_outputs": dense}
+        return plan.finish({**layer_outputs(logits, boxes, cfg.aux_loss), "enc_outputs": dense},
+                           self.dn_label)
 
 
 SPEC = MethodSpec(Config, EfficientDETR)

@@ -13,6 +13,9 @@ What differs from DETR:
 - The outputs follow qdet's contract (normalized cx,cy,w,h), so the shared criterion takes its
   L1 on those rather than on size-normalized corners as the official code does.
 - Images are padded to a multiple of 32 (as detectron2 does), so FPN levels align exactly.
+- Training-only queries (``qdet.blocks.denoising``): a denoising query is a proposal whose box
+  is the noised box and whose feature is the embedding of its noised label; query groups
+  each have their own proposal boxes and features.
 
 Official checkpoints (PeizeSun/SparseR-CNN, detectron2 layout ``backbone.bottom_up.*``,
 ``backbone.fpn_lateral*``, ``head.head_series.*``) load through ``qdet.weights.official``.
@@ -25,6 +28,7 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from ..blocks.backbone import Backbone
 from ..blocks.base import Detector, LossConfig, MethodSpec, focal_loss_config
+from ..blocks.denoising import DNConfig, check_query_groups, dn_modules, plan_queries
 from ..blocks.dynamic_head import DynamicHead, decode_proposals, learned_proposals, pad_for_pyramid
 
 
@@ -47,6 +51,8 @@ class Config:
     dropout: float = 0.0
     aux_loss: bool = True
     loss: LossConfig = field(default_factory=focal_loss_config)
+    dn: DNConfig = field(default_factory=DNConfig)           # denoising training
+    query_groups: int = 1                                      # Group DETR (1: off)
 
     @property
     def num_queries(self) -> int:
@@ -63,24 +69,32 @@ class SparseRCNN(Detector):
         self.backbone = Backbone(cfg.backbone, (1, 2, 3, 4), False, cfg.frozen_bn,
                                  cfg.backbone_trainable)
         self.fpn = FeaturePyramidNetwork(self.backbone.channels, d)
+        check_query_groups(cfg.query_groups)
+        check_query_groups(cfg.query_groups)
         self.init_proposal_features, self.init_proposal_boxes = learned_proposals(
-            cfg.num_proposals, d)
+            cfg.num_proposals * cfg.query_groups, d)
         self.head = DynamicHead(
             cfg.num_heads, num_classes=cfg.num_classes, d=d, nheads=cfg.nheads,
             ffn=cfg.dim_feedforward, dim_dynamic=cfg.dim_dynamic, num_cls=cfg.num_cls,
             num_reg=cfg.num_reg, resolution=cfg.pooler_resolution, dropout=cfg.dropout)
+        self.dn_label = dn_modules(cfg.dn, cfg.num_classes, d)
 
     def class_heads(self) -> dict[str, str]:
         return {f"head.head_series.{i}.class_logits": "classes"
                 for i in range(len(self.head.head_series))}
 
-    def forward(self, images) -> dict:
+    def forward(self, images, targets: list[dict] | None = None) -> dict:
+        cfg = self.config
         x, mask, sizes = pad_for_pyramid(images)
         feats = self.backbone(x, mask)
         pyramid = self.fpn({str(i): f for i, (f, _) in enumerate(feats)})
-        return decode_proposals(self.head, self.init_proposal_features.weight,
-                                self.init_proposal_boxes.weight, list(pyramid.values()), sizes,
-                                self.config.aux_loss)                           # P2..P5
+        plan = plan_queries(self, targets)
+        k = cfg.num_proposals * plan.groups
+        prefix = None if plan.dn is None else (self.dn_label(plan.dn.labels), plan.dn.boxes)
+        out = decode_proposals(self.head, self.init_proposal_features.weight[:k],
+                               self.init_proposal_boxes.weight[:k], list(pyramid.values()),
+                               sizes, cfg.aux_loss, prefix, plan.mask)            # P2..P5
+        return plan.finish(out, self.dn_label)
 
 
 SPEC = MethodSpec(Config, SparseRCNN)

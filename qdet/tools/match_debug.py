@@ -130,7 +130,54 @@ def debug_image(model: Detector, image: Tensor, target: dict, threshold: float =
     return {"rows": rows, "layers": layers, "changes": changes,
             "duplicates": duplicates(rows, probs, out["pred_boxes"][0].float(), threshold),
             "weights": {"class": loss.class_cost, "bbox": loss.bbox_cost, "giou": loss.giou_cost},
-            "focal": model.focal, "num_queries": out["pred_logits"].shape[1]}
+            "focal": model.focal, "num_queries": out["pred_logits"].shape[1],
+            "denoising": denoising_rows(model, image, tgt)}
+
+
+@dataclass
+class DenoisingRow:
+    """A denoising query of group 0: the target it was made from (no matching), its noised
+    input and what the last layer made of it."""
+    target: int
+    positive: bool                   # False: a negative, trained to "no object"
+    noised_label: int
+    noised_iou: float                # of the noised input box with the target's
+    pred_label: int
+    pred_prob: float
+    pred_iou: float                  # of the predicted box with the target's
+
+
+def denoising_rows(model: Detector, image: Tensor, tgt: list[dict]) -> list[DenoisingRow]:
+    """What a model trained with denoising does with its denoising queries on this image:
+    one training-mode forward (the root module alone in training mode, so dropout and batch
+    norms stay as in evaluation; the noise drawn from seed 0). Empty for models without."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not cfg.dn.enabled or not len(tgt[0]["labels"]):
+        return []
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model.training = True       # plan_queries reads the root's mode
+        try:
+            dn = model([image], tgt).get("dn")
+        finally:
+            model.training = False
+    if dn is None:
+        return []
+    probs = class_probs(dn["pred_logits"][0].float(), model.focal)
+    size = dn["valid"].shape[1] // dn["groups"]
+    boxes = box_convert(tgt[0]["boxes"].float(), "cxcywh", "xyxy")
+    rows = []
+    for q in range(size):                                 # group 0
+        if not dn["valid"][0, q]:
+            continue
+        t = int(dn["target"][0, q])
+        iou = lambda b: float(box_iou(box_convert(b[None].float(), "cxcywh", "xyxy"),  # noqa: E731
+                                      boxes[t:t + 1])[0, 0])
+        p, lab = probs[q].max(-1)
+        rows.append(DenoisingRow(t, bool(dn["positive"][0, q]),
+                                 int(dn["noised_labels"][0, q]), iou(dn["noised_boxes"][0, q]),
+                                 int(lab), float(p), iou(dn["pred_boxes"][0, q])))
+    return rows
 
 
 def to_json(result: dict, names: list[str]) -> dict:
@@ -138,7 +185,9 @@ def to_json(result: dict, names: list[str]) -> dict:
     rows = [{**asdict(r), "target_name": names[r.target_label], "pred_name": names[r.pred_label]}
             for r in result["rows"]]
     dups = [{**asdict(d), "name": names[d.label]} for d in result["duplicates"]]
-    return {**result, "rows": rows, "duplicates": dups}
+    dn = [{**asdict(r), "noised_name": names[r.noised_label], "pred_name": names[r.pred_label]}
+          for r in result["denoising"]]
+    return {**result, "rows": rows, "duplicates": dups, "denoising": dn}
 
 
 def _matches_columns(table: Table) -> None:
@@ -204,6 +253,17 @@ def render(result: dict, names: list[str], console: Console, title: str = "") ->
         print_table(console, "likely duplicates: unmatched, confident, overlapping a match", dup)
     else:
         console.print("no likely duplicates")
+    if result["denoising"]:
+        dn = narrow_table("IoU with the target's box; negatives should score no class")
+        for col in ("target", "kind", "noised", "IoU in", "predicted", "prob", "IoU out"):
+            dn.add_column(col, justify="left" if col in ("kind", "noised", "predicted")
+                          else "right")
+        for r in result["denoising"]:
+            dn.add_row(str(r.target), "pos" if r.positive else "neg", names[r.noised_label],
+                       f"{r.noised_iou:.2f}", names[r.pred_label], f"{r.pred_prob:.2f}",
+                       f"{r.pred_iou:.2f}")
+        print_table(console, "denoising queries of group 0 (training only, each paired with "
+                             "the target it was made from, no matching)", dn)
 
 
 def draw(img: Image.Image, result: dict, names: list[str]) -> Image.Image:

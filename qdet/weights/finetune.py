@@ -33,16 +33,31 @@ def match_classes(source: list[str], target: list[str]) -> list[int | None]:
     return [index.get(class_key(n)) for n in target]
 
 
-def class_head_modules(model: Detector) -> list[tuple[str, str, nn.Linear]]:
-    """``(first name, kind, module)`` of each distinct class head ``model`` declares,
-    checked to be a Linear layer with one output per class (+1 on softmax heads)."""
+def class_heads(model: Detector) -> dict[str, str]:
+    """The modules with a row per class: the class heads the model declares, and the
+    denoising queries' label embedding when it has one (kind ``"label"``: a row per class,
+    no "no object" row, no bias)."""
+    heads = dict(model.class_heads())
+    if getattr(model, "dn_label", None) is not None:
+        heads["dn_label"] = "label"
+    return heads
+
+
+def class_head_modules(model: Detector) -> list[tuple[str, str, nn.Module]]:
+    """``(first name, kind, module)`` of each distinct class head of ``model``, checked to be
+    a Linear layer with one output per class (+1 on softmax heads), or an Embedding with a
+    row per class (a label embedding)."""
     rows = model.config.num_classes + (0 if model.focal else 1)
-    seen: dict[int, tuple[str, str, nn.Linear]] = {}
-    for name, kind in model.class_heads().items():
+    seen: dict[int, tuple[str, str, nn.Module]] = {}
+    for name, kind in class_heads(model).items():
         module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear) or module.out_features != rows:
-            raise TypeError(f"{type(model).__name__}.class_heads(): {name} is not a Linear "
-                            f"layer with {rows} outputs")
+        ok = (isinstance(module, nn.Embedding) and module.num_embeddings ==
+              model.config.num_classes) if kind == "label" else \
+            (isinstance(module, nn.Linear) and module.out_features == rows)
+        if not ok:
+            raise TypeError(f"{type(model).__name__}: class head {name} is not a Linear "
+                            f"layer with {rows} outputs (or a label embedding with a row per "
+                            "class)")
         seen.setdefault(id(module), (name, kind, module))
     return list(seen.values())
 
@@ -84,7 +99,7 @@ def transfer(source: Detector, target: Detector, source_name: str = "weights") -
     if source.arch != target.arch:
         raise ValueError(f"{source_name} is a {source.arch} model, not {target.arch}")
     src, tgt = source.state_dict(), target.state_dict()
-    head_keys = {f"{name}.{p}" for name in target.class_heads() for p in ("weight", "bias")}
+    head_keys = {f"{name}.{p}" for name in class_heads(target) for p in ("weight", "bias")}
     fits = {k: v for k, v in src.items()
             if k not in head_keys and k in tgt and tgt[k].shape == v.shape}
     not_loaded = {}
@@ -102,16 +117,17 @@ def transfer(source: Detector, target: Detector, source_name: str = "weights") -
     for name, kind, module in class_head_modules(target):
         theirs = src_heads.get(name)
         copy = []
-        if isinstance(theirs, nn.Linear) and theirs.in_features == module.in_features:
+        if type(theirs) is type(module) and theirs.weight.shape[1] == module.weight.shape[1]:
             copy = [(0, 0)] if kind == "object" else list(pairs)
-            if not target.focal:  # the "no object" row, last in both
-                copy.append((module.out_features - 1, theirs.out_features - 1))
+            if not target.focal and kind == "classes":  # the "no object" row, last in both
+                copy.append((module.weight.shape[0] - 1, theirs.weight.shape[0] - 1))
         for j, i in copy:
             module.weight[j] = theirs.weight[i]
-            module.bias[j] = theirs.bias[i]
+            if getattr(module, "bias", None) is not None:
+                module.bias[j] = theirs.bias[i]
         copied[id(module)] = bool(copy)
     loaded_heads = 0
-    for name in target.class_heads():
+    for name in class_heads(target):
         for key in (f"{name}.weight", f"{name}.bias"):
             if key not in src:
                 continue
