@@ -28,6 +28,9 @@ TINY = {
     "dynamic": dict(backbone="resnet18", d_model=32, nheads=4, num_levels=3, enc_blocks=1,
                     dec_layers=2, num_queries=6, dim_feedforward=64, dim_dynamic=8,
                     num_classes=5),
+    "dino": dict(backbone="resnet18", d_model=32, nheads=4, enc_layers=1, dec_layers=2,
+                 dim_feedforward=64, num_queries=6, num_classes=5, enc_n_points=2,
+                 dec_n_points=2, num_feature_levels=3, **{"dn.queries": 8}),
 }
 
 # The built-in data, small: few tiny images.

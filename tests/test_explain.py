@@ -312,7 +312,7 @@ def test_explain_on_the_fast_path_matches_eager(arch):
         assert (layer.terms is not None) == (arch in ("detr", "conditional"))
         assert (layer.row is not None) == (arch == "anchor")
     elif b.kind == "sampling":
-        assert arch in ("deformable", "efficient") and layer.points is not None
+        assert arch in ("deformable", "efficient", "dino") and layer.points is not None
     else:
         assert arch in ("sparse-rcnn", "dynamic") and layer.roi is not None
         assert (b.scale_attention is not None) == (arch == "dynamic")

@@ -68,6 +68,7 @@ VARIANTS = {
     "efficient": ("efficient", {}),
     "dynamic": ("dynamic", {}),
     "sparse-rcnn": ("sparse-rcnn", {}),
+    "dino": ("dino", {}),
 }
 
 

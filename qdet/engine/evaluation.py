@@ -98,7 +98,8 @@ def predict_dataset(model: Detector, dataset: DetectionDataset, device, batch_si
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                 outputs = model(images)
             sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-            for t, det in zip(targets, postprocess(outputs, sizes, net.focal)):
+            dets = postprocess(outputs, sizes, net.focal, net.max_detections)
+            for t, det in zip(targets, dets):
                 for s, lab, (x0, y0, x1, y1) in zip(det["scores"].tolist(), det["labels"].tolist(),
                                                     det["boxes"].tolist()):
                     if category_of[lab] is not None:

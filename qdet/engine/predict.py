@@ -28,7 +28,7 @@ def detect(model: Detector, images: list[Image.Image], threshold: float = 0.5,
         sizes = torch.tensor([[im.height, im.width] for im in chunk], device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             outputs = model(xs)
-        for det in postprocess(outputs, sizes, model.focal):
+        for det in postprocess(outputs, sizes, model.focal, model.max_detections):
             keep = det["scores"] >= threshold
             order = det["scores"][keep].argsort(descending=True)
             results.append([

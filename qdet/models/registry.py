@@ -26,6 +26,7 @@ ARCHS: dict[str, str] = {
     "sparse-rcnn": "qdet.models.sparse_rcnn",
     "efficient": "qdet.models.efficient_detr",
     "dynamic": "qdet.models.dynamic_detr",
+    "dino": "qdet.models.dino",
 }
 
 

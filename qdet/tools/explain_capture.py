@@ -38,11 +38,12 @@ def probes() -> dict[type, tuple[str, ...]]:
     """Per hooked class, the ``forward`` arguments :class:`Capture` reads by name."""
     from ..blocks.dynamic_head import RCNNHead
     from ..blocks.layers import DeformableDecoder
-    from ..models import anchor_detr, conditional_detr, detr
+    from ..models import anchor_detr, conditional_detr, detr, dino
     from ..models.dynamic_detr import EncoderBlock
     from ..ops.deform_attn import MSDeformAttn
 
     return {
+        dino.Decoder: ("ratios",),
         detr.Transformer: ("mask",), conditional_detr.Transformer: ("mask",),
         detr.DecoderLayer: ("query_pos", "pos"),
         nn.MultiheadAttention: ("query", "key", "value", "key_padding_mask"),
@@ -89,7 +90,7 @@ class Capture:
     def __enter__(self) -> "Capture":
         from ..blocks.dynamic_head import RCNNHead
         from ..blocks.layers import DeformableDecoder, DeformableDecoderLayer, DETREncoderLayer
-        from ..models import anchor_detr, conditional_detr, detr
+        from ..models import anchor_detr, conditional_detr, detr, dino
         from ..models.dynamic_detr import EncoderBlock
 
         check_probes()
@@ -114,6 +115,8 @@ class Capture:
                     lambda mod, a, out: setattr(self, "reference", out.sigmoid())))
             elif isinstance(m, DeformableDecoder):
                 pre(m, lambda a: setattr(self, "ratios", a["valid_ratios"]))
+            elif isinstance(m, dino.Decoder):
+                pre(m, lambda a: setattr(self, "ratios", a["ratios"]))
             elif isinstance(m, DeformableDecoderLayer):
                 pre(m.cross_attn, self._deform)
             elif isinstance(m, RCNNHead):

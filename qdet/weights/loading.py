@@ -81,7 +81,8 @@ def qdet_weights(ckpt: dict, source: str) -> Weights:
 def official_weights(ckpt: dict, source: str) -> Weights:
     """An official release checkpoint (``{'model': state_dict, 'args': ...}`` or a bare state
     dict): the layout found from its keys (``qdet.weights.official``)."""
-    from .official import coco_labels, official_arch, read_official
+    from .layouts import coco_labels
+    from .official import official_arch, read_official
 
     state = ckpt.get("model", ckpt)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -7,8 +7,9 @@ dilation, matcher and loss weights) comes from the checkpoint's training ``args`
 them, else from the official defaults. The checkpoint code reaches these through
 :func:`read_official`; method files know nothing of them.
 
-Official releases are COCO models: their labels are COCO's category ids (91-way DETR-style
-heads) or COCO's 80 categories in order (detectron2 models), see :func:`coco_labels`.
+The knowledge every layout shares (COCO's labels, a ResNet's depth from its keys, the
+training arguments' loss weights) is in ``qdet.weights.layouts``; DINO's readers, official
+and detrex's, in ``qdet.weights.official_dino``.
 """
 from __future__ import annotations
 
@@ -17,94 +18,22 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from ..blocks.base import LossConfig
 from ..models import anchor_detr, conditional_detr, deformable_detr, detr, sparse_rcnn
-
-# ------------------------------------------------------------------- shared knowledge
-
-# COCO 2017 detection categories (id, name); ids run 1..90 with gaps.
-COCO_CATEGORIES = [
-    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"),
-    (7, "train"), (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"),
-    (13, "stop sign"), (14, "parking meter"), (15, "bench"), (16, "bird"), (17, "cat"),
-    (18, "dog"), (19, "horse"), (20, "sheep"), (21, "cow"), (22, "elephant"), (23, "bear"),
-    (24, "zebra"), (25, "giraffe"), (27, "backpack"), (28, "umbrella"), (31, "handbag"),
-    (32, "tie"), (33, "suitcase"), (34, "frisbee"), (35, "skis"), (36, "snowboard"),
-    (37, "sports ball"), (38, "kite"), (39, "baseball bat"), (40, "baseball glove"),
-    (41, "skateboard"), (42, "surfboard"), (43, "tennis racket"), (44, "bottle"),
-    (46, "wine glass"), (47, "cup"), (48, "fork"), (49, "knife"), (50, "spoon"), (51, "bowl"),
-    (52, "banana"), (53, "apple"), (54, "sandwich"), (55, "orange"), (56, "broccoli"),
-    (57, "carrot"), (58, "hot dog"), (59, "pizza"), (60, "donut"), (61, "cake"),
-    (62, "chair"), (63, "couch"), (64, "potted plant"), (65, "bed"), (67, "dining table"),
-    (70, "toilet"), (72, "tv"), (73, "laptop"), (74, "mouse"), (75, "remote"),
-    (76, "keyboard"), (77, "cell phone"), (78, "microwave"), (79, "oven"), (80, "toaster"),
-    (81, "sink"), (82, "refrigerator"), (84, "book"), (85, "clock"), (86, "vase"),
-    (87, "scissors"), (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
-]
-
-
-def coco_labels(num_classes: int) -> tuple[list[int], list[str]]:
-    """Category ids and names of an official COCO release's labels: with 80 classes the
-    labels are COCO's categories in order (detectron2 models), otherwise a label is the
-    COCO category id itself (DETR-style models, 91 classes with unused ids)."""
-    if num_classes == len(COCO_CATEGORIES):
-        return [c for c, _ in COCO_CATEGORIES], [n for _, n in COCO_CATEGORIES]
-    names = dict(COCO_CATEGORIES)
-    return list(range(num_classes)), [names.get(i, "N/A") for i in range(num_classes)]
-
-
-def resnet_from_keys(sd: dict, prefix: str) -> str:
-    """Infer a torchvision ResNet's depth from its state-dict keys."""
-    blocks = {int(m.group(1)) for k in sd
-              if (m := re.match(re.escape(prefix) + r"layer3\.(\d+)\.", k))}
-    n3 = max(blocks) + 1
-    bottleneck = f"{prefix}layer1.0.conv3.weight" in sd
-    table = {(False, 2): "resnet18", (False, 6): "resnet34",
-             (True, 6): "resnet50", (True, 23): "resnet101"}
-    if (bottleneck, n3) not in table:
-        raise ValueError(f"unrecognized ResNet under {prefix!r} ({n3} blocks in layer3)")
-    return table[bottleneck, n3]
-
-
-def count_layers(sd: dict, prefix: str) -> int:
-    idx = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
-    return max(idx) + 1 if idx else 0
-
-
-def official_dilation(args: dict) -> bool:
-    """DC5 or not: dilation leaves no trace in the weights, so read the checkpoint's args,
-    else look for "dc5" in the file name (as the official releases are named)."""
-    value = args.get("dilation")
-    if isinstance(value, str):  # some scripts parsed the flag as a string
-        return value.strip().lower() in ("true", "1", "yes")
-    if value is None:
-        return "dc5" in str(args.get("_filename", "")).lower()
-    return bool(value)
-
-
-def loss_from_args(args: dict, focal: bool, **extra) -> LossConfig:
-    """The matcher and loss weights an official training script recorded in its ``args``
-    (DETR-family flag names), defaulting to those repositories' defaults."""
-    default_class = 2.0 if focal else 1.0
-    return LossConfig(class_cost=args.get("set_cost_class", default_class),
-                      bbox_cost=args.get("set_cost_bbox", 5.0),
-                      giou_cost=args.get("set_cost_giou", 2.0),
-                      class_weight=args.get("cls_loss_coef", default_class),
-                      bbox_weight=args.get("bbox_loss_coef", 5.0),
-                      giou_weight=args.get("giou_loss_coef", 2.0),
-                      eos_coef=args.get("eos_coef", 0.1),
-                      focal_alpha=args.get("focal_alpha", 0.25), **extra)
-
-
-def _rename_backbone(sd: dict) -> dict:
-    """``backbone.0.body.*`` (DETR-style Joiner) -> ``backbone.body.*``."""
-    return {re.sub(r"^backbone\.0\.", "backbone.", k): v for k, v in sd.items()}
-
-
-def _drop_profiler_keys(sd: dict) -> dict:
-    """Some official checkpoints carry thop's ``total_params``/``total_ops`` counters."""
-    return {k: v for k, v in sd.items() if not k.endswith(("total_params", "total_ops"))}
-
+from .layouts import (
+    count_layers,
+    d2_to_torchvision,
+    drop_profiler_keys,
+    loss_from_args,
+    official_dilation,
+    rename_backbone,
+    resnet_from_keys,
+)
+from .official_dino import (
+    detrex_dino_convert,
+    detrex_dino_is_layout,
+    dino_convert,
+    dino_is_official,
+)
 
 # ---------------------------------------------------------------- facebookresearch/detr
 
@@ -132,7 +61,7 @@ def detr_convert(sd: dict, args: dict) -> tuple[detr.Config, dict]:
         pre_norm="transformer.encoder.norm.weight" in sd,
         num_queries=sd["query_embed.weight"].shape[0],
         loss=loss_from_args(args, focal=False))
-    return cfg, _rename_backbone(sd)
+    return cfg, rename_backbone(sd)
 
 
 # ----------------------------------------------------------- Atten4Vis/ConditionalDETR
@@ -155,7 +84,7 @@ def conditional_convert(sd: dict, args: dict) -> tuple[conditional_detr.Config, 
         dim_feedforward=sd["transformer.encoder.layers.0.linear1.weight"].shape[0],
         num_queries=sd["query_embed.weight"].shape[0],
         loss=loss_from_args(args, focal=True))
-    return cfg, _rename_backbone(sd)
+    return cfg, rename_backbone(sd)
 
 
 # ------------------------------------------------------ fundamentalvision/Deformable-DETR
@@ -163,7 +92,8 @@ def conditional_convert(sd: dict, args: dict) -> tuple[conditional_detr.Config, 
 
 def deformable_is_official(sd: dict) -> bool:
     return ("backbone.0.body.conv1.weight" in sd and "transformer.level_embed" in sd
-            and "transformer.encoder.layers.0.self_attn.sampling_offsets.weight" in sd)
+            and "transformer.encoder.layers.0.self_attn.sampling_offsets.weight" in sd
+            and "transformer.tgt_embed.weight" not in sd)          # (DINO's has one)
 
 
 def deformable_convert(sd: dict, args: dict) -> tuple[deformable_detr.Config, dict]:
@@ -194,7 +124,7 @@ def deformable_convert(sd: dict, args: dict) -> tuple[deformable_detr.Config, di
     # the decoder's bbox_embed/class_embed are aliases of the top-level heads
     state = {k: v for k, v in sd.items()
              if not re.match(r"transformer\.decoder\.(bbox|class)_embed\.", k)}
-    return cfg, _rename_backbone(_drop_profiler_keys(state))
+    return cfg, rename_backbone(drop_profiler_keys(state))
 
 
 # --------------------------------------------------------- megvii-research/AnchorDETR
@@ -226,7 +156,7 @@ def anchor_convert(sd: dict, args: dict) -> tuple[anchor_detr.Config, dict]:
         spatial_prior="learned" if learned else "grid",
         attention="rcda" if rcda else "standard",
         loss=loss_from_args(args, focal=True))
-    return cfg, _drop_profiler_keys(sd)
+    return cfg, drop_profiler_keys(sd)
 
 
 # ------------------------------------------------- PeizeSun/SparseR-CNN (detectron2)
@@ -236,21 +166,8 @@ def sparse_rcnn_is_official(sd: dict) -> bool:
     return "init_proposal_boxes.weight" in sd and "backbone.bottom_up.stem.conv1.weight" in sd
 
 
-def _d2_to_torchvision(key: str) -> str:
-    k = key.replace("backbone.bottom_up.stem.conv1.norm.", "backbone.body.bn1.")
-    k = k.replace("backbone.bottom_up.stem.conv1.", "backbone.body.conv1.")
-    k = re.sub(r"backbone\.bottom_up\.res(\d)\.",
-               lambda m: f"backbone.body.layer{int(m.group(1)) - 1}.", k)
-    k = re.sub(r"\.conv(\d)\.norm\.", r".bn\1.", k)
-    k = k.replace(".shortcut.norm.", ".downsample.1.").replace(".shortcut.", ".downsample.0.")
-    k = re.sub(r"backbone\.fpn_lateral(\d)\.",
-               lambda m: f"fpn.inner_blocks.{int(m.group(1)) - 2}.0.", k)
-    return re.sub(r"backbone\.fpn_output(\d)\.",
-                  lambda m: f"fpn.layer_blocks.{int(m.group(1)) - 2}.0.", k)
-
-
 def sparse_rcnn_convert(sd: dict, args: dict) -> tuple[sparse_rcnn.Config, dict]:
-    state = {_d2_to_torchvision(k): v for k, v in sd.items()
+    state = {d2_to_torchvision(k, "backbone.bottom_up."): v for k, v in sd.items()
              if not k.startswith(("pixel_mean", "pixel_std"))}
     head = "head.head_series.0."
     d = sd["init_proposal_features.weight"].shape[1]
@@ -289,20 +206,35 @@ FORMATS: dict[str, OfficialFormat] = {
     "deformable": OfficialFormat(deformable_is_official, deformable_convert),
     "anchor": OfficialFormat(anchor_is_official, anchor_convert),
     "sparse-rcnn": OfficialFormat(sparse_rcnn_is_official, sparse_rcnn_convert),
+    "dino": OfficialFormat(dino_is_official, dino_convert),
+}
+# layouts of the same architectures from other code bases (detrex's DINO releases)
+OTHER_LAYOUTS: dict[str, OfficialFormat] = {
+    "dino": OfficialFormat(detrex_dino_is_layout, detrex_dino_convert),
 }
 
 
+def _layout(sd: dict) -> tuple[str, OfficialFormat] | None:
+    for table in (FORMATS, OTHER_LAYOUTS):
+        for arch, f in table.items():
+            if f.is_official(sd):
+                return arch, f
+    return None
+
+
 def official_arch(sd: dict) -> str | None:
-    """Which architecture's official release layout ``sd`` is in, if any."""
-    return next((arch for arch, f in FORMATS.items() if f.is_official(sd)), None)
+    """Which architecture's release layout (official, or detrex's) ``sd`` is in, if any."""
+    found = _layout(sd)
+    return found[0] if found else None
 
 
 def read_official(sd: dict, args: dict) -> tuple[str, object, dict]:
     """An official state dict and its ``args`` -> ``(arch, Config, qdet state dict)``; raises
     ValueError when the layout is no known release's."""
-    arch = official_arch(sd)
-    if arch is None:
+    found = _layout(sd)
+    if found is None:
         raise ValueError(f"the state dict's keys match no architecture's official layout "
                          f"(first keys: {list(sd)[:4]})")
-    cfg, state = FORMATS[arch].convert(sd, args)
+    arch, layout = found
+    cfg, state = layout.convert(sd, args)
     return arch, cfg, state

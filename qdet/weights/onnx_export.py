@@ -255,7 +255,8 @@ def _unsupported_op(message: str) -> str:
 
 def export(model: Detector, path: str | os.PathLike, opset: int | None = None,
            size: Sequence[int] | None = None, dynamic: bool = True, postprocess: bool = False,
-           topk: int = 100, check: bool = True, metadata: dict | None = None) -> ExportReport:
+           topk: int | None = None, check: bool = True,
+           metadata: dict | None = None) -> ExportReport:
     """Export ``model`` (eval mode, CPU) to the ONNX file ``path``, written atomically.
 
     Args:
@@ -264,7 +265,8 @@ def export(model: Detector, path: str | os.PathLike, opset: int | None = None,
             ``dynamic=False`` the only input size the file accepts, at batch 1.
         dynamic: batch, height and width dynamic axes.
         postprocess: scores, labels and boxes in pixels instead of the raw outputs.
-        topk: focal models' number of detections per image with ``postprocess``.
+        topk: focal models' number of detections per image with ``postprocess`` (default:
+            the model's, 100; DINO 300).
         check: run the file in onnxruntime on :func:`check_shapes` and compare with the
             model (``ExportReport.max_abs_diff`` / ``max_rel_diff``).
         metadata: more ``metadata_props`` (values JSON-encoded unless strings).
@@ -287,6 +289,7 @@ def export(model: Detector, path: str | os.PathLike, opset: int | None = None,
     model = model.eval()
     # eval mode on the wrapper too: the exporter restores the wrapper's mode afterwards,
     # recursively, which would otherwise leave the model in training mode
+    topk = model.max_detections if topk is None else topk
     graph = ExportGraph(model, postprocess, topk).eval()
     args = _example((1, 3, h, w), postprocess)
     inputs = ["images", "orig_sizes"][:len(args)]

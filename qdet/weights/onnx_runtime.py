@@ -80,6 +80,7 @@ class OnnxDetector(nn.Module):
         self.category_ids = json.loads(meta["qdet.category_ids"])
         self.preprocess = json.loads(meta["qdet.preprocess"])
         self.postprocessed = meta.get("qdet.outputs") == "postprocess"
+        self.max_detections = int(meta.get("qdet.topk", 100))
         self.input_shape = list(self.session.get_inputs()[0].shape)  # ints where static
         # what a qdet checkpoint says about its data (``qdet eval`` reads it)
         shapes = meta.get("qdet.shapes")

@@ -77,6 +77,16 @@ def _conditional(name: str, backbone: str, ap: float, file: str) -> ZooEntry:
     return ZooEntry(name, "conditional", backbone, ap, url=_CONDITIONAL + file, file=file)
 
 
+_DINO = "https://github.com/IDEA-Research/DINO#model-zoo"
+_DETREX = "https://github.com/IDEA-Research/detrex-storage/releases/download/"
+
+
+def _detrex(name: str, backbone: str, ap: float, tag: str, file: str, note: str) -> ZooEntry:
+    """detrex's DINO releases (GitHub release assets; no checksum is published)."""
+    return ZooEntry(name, "dino", backbone, ap, url=f"{_DETREX}{tag}/{file}", file=file,
+                    note=note)
+
+
 def _manual(name: str, method: str, backbone: str, ap: float, page: str, file: str,
              note: str) -> ZooEntry:
     return ZooEntry(name, method, backbone, ap, page=page, file=file, note=note)
@@ -130,6 +140,18 @@ ENTRIES: list[ZooEntry] = [
              "Google Drive (AnchorDETR-C5, R101)"),
     _manual("anchor-r101-dc5", "anchor", "R101-DC5", 45.1, _ANCHOR, "anchor-r101-dc5.pth",
              "Google Drive (AnchorDETR-DC5, R101)"),
+    # DINO: the official weights are on Google Drive only (file names from the README);
+    # detrex trained its own, released as direct downloads (its layout, 80 classes)
+    _manual("dino-r50", "dino", "R50", 49.0, _DINO, "checkpoint0011_4scale.pth",
+            "12 epochs, 4 scales; Google Drive (the README's model zoo)"),
+    _manual("dino-r50-5scale", "dino", "R50", 49.4, _DINO, "checkpoint0011_5scale.pth",
+            "12 epochs, 5 scales; Google Drive (the README's model zoo)"),
+    _detrex("dino-r50-detrex", "R50", 49.2, "v0.2.0", "dino_r50_4scale_12ep_49_2AP.pth",
+            "detrex's training, 12 epochs, 4 scales"),
+    _detrex("dino-r50-5scale-detrex", "R50", 49.6, "v0.2.1", "dino_r50_5scale_12ep.pth",
+            "detrex's training, 12 epochs, 5 scales"),
+    _detrex("dino-r50-24ep-detrex", "R50", 50.6, "v0.1.1", "dino_r50_4scale_24ep.pth",
+            "detrex's training, 24 epochs, 4 scales"),
 ]
 ZOO: dict[str, ZooEntry] = {e.name: e for e in ENTRIES}
 
