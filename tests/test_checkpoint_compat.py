@@ -47,8 +47,11 @@ def test_a_checkpoint_of_the_flat_layout_loads_with_identical_outputs(arch, tmp_
     x = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model.double()(x.double())
+    # float64 rounding (1e-16) amplified even 1000-fold by a random model stays far below
+    # 1e-9; a changed computation is far above it. The deformable encoder's reference points
+    # of a float64 model were float32 in that layout's release (rounding 6e-8) and are
+    # float64 now, which moved its outputs by up to 2e-8 relative.
+    rtol = 1e-7 if arch in ("deformable", "efficient") else 1e-9
     for key in ("pred_logits", "pred_boxes"):
-        # float64 rounding (1e-16) amplified even 1000-fold by a random model stays far
-        # below 1e-9; a changed computation is far above it
         torch.testing.assert_close(out[key], torch.tensor(ref["outputs"][key], dtype=torch.float64),
-                                   rtol=1e-9, atol=1e-12)
+                                   rtol=rtol, atol=rtol * 1e-3)

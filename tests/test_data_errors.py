@@ -222,7 +222,7 @@ def test_too_few_images_for_a_batch_and_an_empty_val_set(tmp_path):
     base = ["train", "--data", str(ann), "--images", str(folder), "--out",
             str(tmp_path / "run"), "--workers", "0", "--set", "backbone=resnet18"]
     r = CliRunner().invoke(app, [*base, "--batch-size", "4"])
-    assert r.exit_code == 1 and f"error: {ann}: 2 training image(s), fewer than one batch of " \
+    assert r.exit_code == 1 and f"error: {ann}: 2 training image(s), fewer than one step of " \
         "4 per process x 1 process(es); lower --batch-size" in r.output, r.output
     r = CliRunner().invoke(app, [*base, "--val-data", str(empty), "--val-images", str(folder)])
     assert r.exit_code == 1 and f"error: {empty}: 'images' is empty" in r.output, r.output

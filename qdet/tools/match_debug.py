@@ -186,7 +186,7 @@ def to_json(result: dict, names: list[str]) -> dict:
             for r in result["rows"]]
     dups = [{**asdict(d), "name": names[d.label]} for d in result["duplicates"]]
     dn = [{**asdict(r), "noised_name": names[r.noised_label], "pred_name": names[r.pred_label]}
-          for r in result["denoising"]]
+          for r in result.get("denoising", [])]
     return {**result, "rows": rows, "duplicates": dups, "denoising": dn}
 
 
@@ -253,7 +253,7 @@ def render(result: dict, names: list[str], console: Console, title: str = "") ->
         print_table(console, "likely duplicates: unmatched, confident, overlapping a match", dup)
     else:
         console.print("no likely duplicates")
-    if result["denoising"]:
+    if result.get("denoising"):
         dn = narrow_table("IoU with the target's box; negatives should score no class")
         for col in ("target", "kind", "noised", "IoU in", "predicted", "prob", "IoU out"):
             dn.add_column(col, justify="left" if col in ("kind", "noised", "predicted")
