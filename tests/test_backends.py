@@ -42,7 +42,7 @@ def test_no_driver_is_named_once(monkeypatch):
     monkeypatch.setattr(cuda, "cuda_error", lambda: "CUDA driver library cannot be found.")
     problem = cuda_problem()
     assert "CUDA driver does not start" in problem and "cannot be found" in problem
-    assert 'qdet[cuda]' in problem and 'qdet[cuda13]' in problem
+    assert 'qdet[cuda]' in problem and 'qdet[cuda12]' in problem
     backend, messages = warned(lambda: default_backend(CUDA))
     assert backend == "torch" and len(messages) == 1
     assert "cannot be found" in messages[0] and "fall back" in messages[0]

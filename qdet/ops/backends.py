@@ -3,7 +3,7 @@ shares.
 
 On the CPU the Numba kernels run (``numba``). On a GPU the Numba CUDA kernels run (``cuda``)
 when Numba's CUDA target can start there: the ``numba-cuda`` package (``pip install
-"qdet[cuda]"`` for CUDA 12, ``"qdet[cuda13]"`` for CUDA 13), a driver it accepts and the
+"qdet[cuda]"`` for CUDA 13, ``"qdet[cuda12]"`` for CUDA 12), a driver it accepts and the
 libNVVM compiler. When it cannot, every op falls back to its pure-PyTorch formulation
 (``torch``: the same results, slower, more memory) and one warning names the cause, instead
 of a crash deep inside a kernel.
@@ -70,8 +70,8 @@ def numba_cuda_version() -> str | None:
 
 def _install_hint() -> str:
     installed = numba_cuda_version()
-    extras = ('"qdet[cuda]" for CUDA 12 (driver >= 525) or "qdet[cuda13]" for CUDA 13 '
-              '(driver >= 580)')
+    extras = ('"qdet[cuda]" for CUDA 13 (driver >= 580) or "qdet[cuda12]" for CUDA 12 '
+              '(driver >= 525), whichever torch.version.cuda names')
     if installed is None:
         return f"numba-cuda is not installed: pip install {extras}"
     return (f"numba-cuda {installed} is installed: its CUDA extra must match the driver, "
