@@ -4,8 +4,8 @@
 # expected to have torch and torchvision built for its CUDA, numba and numba-cuda (large,
 # CUDA-specific packages a GPU machine comes with); the folder carries everything else
 # qdet needs (pycocotools, scipy, matplotlib, ... with their own dependencies), pytest for
-# the GPU tests, a recent setuptools (torch requires one), and qdet's own wheel. Wheels for CPython 3.11 and 3.12 on manylinux
-# x86_64, whatever this machine runs.
+# the GPU tests, a recent setuptools (torch requires one), and qdet's own wheel. Wheels for
+# CPython 3.11 and 3.12 on manylinux x86_64, whatever this machine runs.
 #
 #   scripts/gpu_wheels.sh [FOLDER]        # default: .whl/ (ignored by git)
 #   PYTHONS="3.10 3.11 3.12" scripts/gpu_wheels.sh
