@@ -3,11 +3,12 @@ JSON). Every ratio is against a baseline measured in the same run."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..common.terminal import console, rows_table
+from ..common.terminal import console, err, rows_table
 from ..models.registry import ARCHS
 from .common import Device, fail, pick_device
 
@@ -246,3 +247,40 @@ def bench_deform_attn_onnx_cmd(repeat: Repeat = 5, as_json: AsJson = False):
           f"{r['speedup']:.2f}", f"{r['max_abs_diff']:.1e}") for r in rows]))
     console.print("*: the formulation qdet exports; x: its time over this row's (above 1: "
                   "this row is faster)")
+
+
+@bench_app.command("gpu")
+def bench_gpu_cmd(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the markdown "
+                                                "report to this file.", dir_okay=False)] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="About 2 minutes instead of 5: the "
+                                        "paper's shapes, fewer repeats, no compiling.")] = False,
+    simulate: Annotated[bool, typer.Option("--simulate", help="No GPU: check the kernels "
+                                           "against their references at tiny shapes under "
+                                           "Numba's CUDA simulator.")] = False,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Time "
+                                                    "each method with its transformer "
+                                                    "compiled (default: yes, but not with "
+                                                    "--quick).")] = None,
+    device: Annotated[str, typer.Option(help="The GPU: cuda or cuda:N.")] = "cuda",
+):
+    """One GPU, 5 minutes, one report: every CUDA kernel against its reference (forward and
+    backward, fp32 and bf16), the kernels' times and memory against the references, each
+    method's inference and training throughput, and the machine (GPU, driver, versions).
+    Exits non-zero without a GPU or when a check fails."""
+    from ..tools.bench_gpu import NoCuda, make_plan, run_gpu_bench
+    from ..tools.gpu_report import checks_passed, render, write_report
+
+    plan = make_plan(quick=quick, simulate=simulate, compile=compile)
+    try:
+        result = run_gpu_bench(plan, device, log=lambda line: err.print(line, markup=False,
+                                                                        highlight=False))
+    except NoCuda as e:
+        fail(str(e))
+    console.print(render(result), markup=False, highlight=False, soft_wrap=True)
+    if out is not None:
+        write_report(result, out)
+        err.print(f"report written to {out}", markup=False, highlight=False)
+    passed, total = checks_passed(result)
+    if passed < total:
+        fail(f"{total - passed} of {total} kernel checks did not pass (see the report)")

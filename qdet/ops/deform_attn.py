@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import deform_attn_kernels as kernels
-from .backends import default_backend
+from .backends import default_backend, run_cuda
 from .modes import exporting
 
 BACKENDS = ("torch", "numba", "cuda")
@@ -90,7 +90,13 @@ def _msda(value: Tensor, shapes: list[int], loc: Tensor, attn: Tensor, backend: 
     if backend == "numba":
         return kernels.forward_cpu(value, shapes, loc, attn)
     if backend == "cuda":
-        return kernels.forward_cuda(value, shapes, loc, attn)
+        return run_cuda("deformable attention forward", value.device,
+                        lambda: kernels.forward_cuda(value, shapes, loc, attn),
+                        lambda: _reference_forward(value, shapes, loc, attn))
+    return _reference_forward(value, shapes, loc, attn)
+
+
+def _reference_forward(value, shapes, loc, attn):
     with torch.no_grad():
         return ms_deform_attn_torch(value, _pairs(shapes), loc, attn)
 
@@ -107,7 +113,13 @@ def _msda_backward(grad: Tensor, value: Tensor, shapes: list[int], loc: Tensor, 
     if backend == "numba":
         return kernels.backward_cpu(grad, value, shapes, loc, attn)
     if backend == "cuda":
-        return kernels.backward_cuda(grad, value, shapes, loc, attn)
+        return run_cuda("deformable attention backward", value.device,
+                        lambda: kernels.backward_cuda(grad, value, shapes, loc, attn),
+                        lambda: _reference_backward(grad, value, shapes, loc, attn))
+    return _reference_backward(grad, value, shapes, loc, attn)
+
+
+def _reference_backward(grad, value, shapes, loc, attn):
     with torch.enable_grad():
         _, vjp = torch.func.vjp(lambda v, lo, a: ms_deform_attn_torch(v, _pairs(shapes), lo, a),
                                 value, loc, attn)

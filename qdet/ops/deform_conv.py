@@ -39,7 +39,7 @@ import torchvision
 from torch import Tensor, nn
 
 from . import deform_conv_kernels as kernels
-from .backends import default_backend
+from .backends import default_backend, run_cuda
 from .modes import bf16_native, exporting
 
 BACKENDS = ("torch", "numba", "cuda", "torchvision")
@@ -94,8 +94,10 @@ COLUMNS_BUDGET = 16 * 2**20   # bytes of sampled columns per channel block (kern
 
 def _im2col(x: Tensor, offset: Tensor, mask: Tensor, geo, backend: str) -> Tensor:
     g = np.asarray(geo, dtype=np.int64)
-    if backend == "cuda":
-        return kernels.im2col_cuda(x, offset, mask, g)
+    if backend == "cuda":   # the gather formulation where Numba's kernels cannot run
+        return run_cuda("deformable convolution forward", x.device,
+                        lambda: kernels.im2col_cuda(x, offset, mask, g),
+                        lambda: im2col_torch(x, offset, mask, geo))
     return kernels.im2col_cpu(x, offset, mask, g)
 
 
@@ -103,8 +105,17 @@ def _im2col_backward(gcols: Tensor, x: Tensor, offset: Tensor, mask: Tensor, geo
                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
     g = np.asarray(geo, dtype=np.int64)
     if backend == "cuda":
-        return kernels.im2col_backward_cuda(gcols, x, offset, mask, g)
+        return run_cuda("deformable convolution backward", x.device,
+                        lambda: kernels.im2col_backward_cuda(gcols, x, offset, mask, g),
+                        lambda: _im2col_backward_torch(gcols, x, offset, mask, geo))
     return kernels.im2col_backward_cpu(gcols, x, offset, mask, g)
+
+
+def _im2col_backward_torch(gcols, x, offset, mask, geo):
+    """The gradients of :func:`im2col_torch` (x, offset, mask) for columns' ``gcols``."""
+    with torch.enable_grad():
+        _, vjp = torch.func.vjp(lambda a, b, c: im2col_torch(a, b, c, geo), x, offset, mask)
+        return vjp(gcols.to(x.dtype))
 
 
 def channel_blocks(x: Tensor, offset_groups: int, groups: int, k: int, p: int):

@@ -56,20 +56,37 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
 
 def time_it(fn: Callable[[], object], device: torch.device, repeat: int = 3,
             warmup: int = 1) -> float:
-    """Median seconds of ``fn()`` after ``warmup`` calls."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    """Median seconds of ``fn()`` after ``warmup`` calls. On a GPU each call is timed by
+    CUDA events on the current stream, synchronized before and after it: the GPU's time from
+    the call's start to its last kernel, gaps where the host was still launching included."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _time_cuda(fn, device, repeat, warmup)
     for _ in range(warmup):
         fn()
-    sync()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        sync()
         times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _time_cuda(fn: Callable[[], object], device: torch.device, repeat: int,
+               warmup: int) -> float:
+    with torch.cuda.device(device):
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeat):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)    # milliseconds
     return statistics.median(times)
 
 
@@ -99,17 +116,23 @@ def deform_attn_inputs(num_queries: int | None, device, dtype=torch.float32, bat
     return [t.to(device=device, dtype=dtype) for t in (value, loc, attn)], levels
 
 
-def bench_deform_attn(device: str = "cpu", repeat: int = 3, backends=None) -> list[dict]:
+# the shapes ``qdet bench deform-attn`` measures: keyword arguments of deform_attn_inputs
+DEFORM_ATTN_CASES = {"encoder": dict(num_queries=None), "decoder": dict(num_queries=300)}
+
+
+def bench_deform_attn(device: str = "cpu", repeat: int = 3, backends=None,
+                      cases: dict[str, dict] | None = None) -> list[dict]:
     """Forward and forward+backward time and peak memory of each backend at Deformable
-    DETR's encoder shape (queries = all pixels) and decoder shape (300 queries)."""
+    DETR's encoder shape (queries = all pixels) and decoder shape (300 queries), or at
+    ``cases``: name -> keyword arguments of :func:`deform_attn_inputs`."""
     from ..ops.deform_attn import ms_deform_attn
 
     dev = torch.device(device)
     if backends is None:
         backends = ["torch", "numba"] if dev.type == "cpu" else ["torch", "cuda"]
     rows = []
-    for name, nq in (("encoder", None), ("decoder", 300)):
-        (value, loc, attn), levels = deform_attn_inputs(nq, dev)
+    for name, case in (DEFORM_ATTN_CASES if cases is None else cases).items():
+        (value, loc, attn), levels = deform_attn_inputs(device=dev, **case)
         for backend in backends:
             def fwd():
                 with torch.no_grad():
@@ -262,12 +285,30 @@ def bench_inference(arch: str, device: str = "cpu", size: tuple[int, int] = (800
     return rows
 
 
-def bench_training(arch: str, device: str = "cpu", batch: int = 16, size: int = 128,
-                   repeat: int = 3, modes=("eager", "bf16+channels_last"),
-                   prepare: Callable[[torch.nn.Module], None] | None = None) -> list[dict]:
+def random_targets(batch: int, num_classes: int, device, seed: int = 0) -> list[dict]:
+    """1-4 boxes per image (normalized cx, cy, w, h) with random labels: what a training
+    step's loss needs when images are random too."""
+    g = torch.Generator().manual_seed(seed)
+    targets = []
+    for _ in range(batch):
+        k = int(torch.randint(1, 5, (), generator=g))
+        centre = torch.rand(k, 2, generator=g) * 0.6 + 0.2
+        size = torch.rand(k, 2, generator=g) * 0.3 + 0.05
+        targets.append({"labels": torch.randint(0, num_classes, (k,), generator=g).to(device),
+                        "boxes": torch.cat([centre, size], 1).to(device)})
+    return targets
+
+
+def bench_training(arch: str, device: str = "cpu", batch: int = 16,
+                   size: int | tuple[int, int] = 128, repeat: int = 3,
+                   modes=("eager", "bf16+channels_last"),
+                   prepare: Callable[[torch.nn.Module], None] | None = None,
+                   recipe: str = "shapes", overrides: dict | None = None) -> list[dict]:
     """Training step time (forward, loss, backward, AdamW) of ``arch``'s built-in-data preset
-    on ``batch`` images of ``size`` px, eager against bf16 autocast + channels_last.
-    ``prepare(model)`` runs on each model after building."""
+    on ``batch`` images of ``size`` px (``recipe="shapes"``), or of its paper configuration
+    on random ``size`` = (H, W) images with random boxes (``recipe="paper"``), eager against
+    bf16 autocast + channels_last. ``prepare(model)`` runs on each model after building;
+    ``overrides`` change the recipe's configuration."""
     from ..data.datasets import ShapesDataset, collate
     from ..data.shapes import ShapesConfig
     from ..engine.criterion import SetCriterion
@@ -275,21 +316,30 @@ def bench_training(arch: str, device: str = "cpu", batch: int = 16, size: int = 
     from ..models.registry import build_model
 
     dev = torch.device(device)
-    shapes_model = preset(arch, "shapes").model
-    data = ShapesDataset("train", ShapesConfig(image_size=size))
-    images, targets = collate([data[i] for i in range(batch)])
-    images = [im.to(dev) for im in images]
-    targets = [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    if recipe == "paper":
+        config = {**preset(arch, "paper").model, **(overrides or {})}
+        images = random_images(batch, (size, size) if isinstance(size, int) else size, dev)
+        targets = None        # made for the model's number of classes, once it is built
+    else:
+        config = {**preset(arch, "shapes").model, "num_classes": 5, **(overrides or {})}
+        data = ShapesDataset("train", ShapesConfig(image_size=size))
+        images, targets = collate([data[i] for i in range(batch)])
+        images = [im.to(dev) for im in images]
+        targets = [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in t.items()}
+                   for t in targets]
     rows = []
     for mode in modes:
         torch.manual_seed(0)
-        model = build_model(arch, {**shapes_model, "num_classes": 5}).to(dev).train()
+        model = build_model(arch, config).to(dev).train()
         if prepare is not None:
             prepare(model)
         fast = mode != "eager"
         if fast:
             model.to(memory_format=torch.channels_last)
-        crit = SetCriterion(5, model.config.loss, model.focal).to(dev)
+        classes = model.config.num_classes
+        if targets is None:
+            targets = random_targets(batch, classes, dev)
+        crit = SetCriterion(classes, model.config.loss, model.focal).to(dev)
         opt = torch.optim.AdamW(model.parameters(), 1e-4, foreach=True)
 
         def step():
