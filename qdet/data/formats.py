@@ -128,12 +128,18 @@ def data_spec(data, images=None, val_data=None, val_images=None, split: str | No
     train = source(data, images, split, "train")
     if train["format"] == "coco" and images is None:
         raise ValueError("--data needs --images (the folder its file_name fields are in)")
+    if train["format"] == "coco" and split is not None:
+        raise ValueError(f"--split {split}: {data} is a COCO file, which is one split; --split "
+                         "picks a split of a YOLO or VOC set")
     if val_data is None and val_images is not None:
         raise ValueError("--val-images needs --val-data")
     if val_data is not None:
         val = source(val_data, val_images, val_split, "val")
         if val["format"] == "coco" and val_images is None:
             raise ValueError("--val-data needs --val-images")
+        if val["format"] == "coco" and val_split is not None:
+            raise ValueError(f"--val-split {val_split}: {val_data} is a COCO file, which is "
+                             "one split")
     elif train["format"] != "coco" and (val_split or "val") in split_names(data):
         val = source(data, None, val_split, "val")
     elif val_split is not None:
