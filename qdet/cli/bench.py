@@ -285,6 +285,8 @@ def bench_video_cmd(
     frames: Annotated[int, typer.Option(help="Frames of the test clip.")] = 120,
     size: Annotated[str, typer.Option(help="Frame WxH of the test clip.")] = "640x480",
     batch: Annotated[int, typer.Option(help="Frames per model call.")] = 4,
+    repeat: Annotated[int, typer.Option(help="Runs of each measurement (the best is "
+                                        "kept).")] = 1,
     bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="Also measure bfloat16 "
                                        "autocast (slow on CPUs without AVX-512 BF16).")] = True,
     as_json: AsJson = False,
@@ -304,7 +306,8 @@ def bench_video_cmd(
     from ..data.errors import DataError
 
     try:
-        result = bench_video(arch, frames, (w, h), batch, ("fp32", "bf16") if bf16 else ("fp32",))
+        result = bench_video(arch, frames, (w, h), batch, ("fp32", "bf16") if bf16 else ("fp32",),
+                             repeat=repeat)
     except DataError as e:   # no PyAV
         fail(str(e))
     machine = machine_description("cpu")
