@@ -215,3 +215,5 @@ def test_a_folder_without_splits_says_how_to_make_them(tmp_path):
     with pytest.raises(DataError, match=r"it has none\); pick one with --split, after listing "
                                         r"the image ids of each split in ImageSets/Main"):
         read_split(root, "train")
+    r = CliRunner().invoke(app, ["data", "check", str(root)])
+    assert r.exit_code == 1 and "after listing the image ids of each split" in r.output

@@ -116,7 +116,7 @@ def data_check(
         if images is not None:
             fail(f"--images applies to a COCO file; {data} is a {fmt.upper()} set, which "
                  "names its own image folders")
-        splits = split or split_names(data)
+        splits = split or split_names(data) or ["train"]   # none: the reader says why
     except DataError as e:
         fail(str(e))
     failed, said = 0, set()

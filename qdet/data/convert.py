@@ -57,6 +57,9 @@ def _splits(src: Path, fmt: str, wanted: list[str] | None, to: str) -> list[str 
         if wanted:
             raise DataError(f"--split: {src} is a COCO file, which is one split")
         return [None]
+    if not have:
+        raise DataError(f"{src}: no split to convert (no ImageSets/Main/<split>.txt); list the "
+                        "image ids of each split there, one per line")
     for s in wanted or []:
         if s not in have:
             raise DataError(f"--split {s}: {src} has no such split (it has {', '.join(have)})")
