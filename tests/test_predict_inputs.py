@@ -40,7 +40,7 @@ def predict(*args):
 def test_a_folder_is_searched_recursively(place):
     r = predict("photos")
     assert r.exit_code == 0, r.output
-    assert "skipped 2 file(s) in photos that are not images" in r.output
+    assert "skipped 2 file(s) in photos that are not images or videos" in r.output
     done = json.loads((place / "out" / "predictions.json").read_text())
     assert [d["image"] for d in done] == ["photos/a.png", "photos/sub/b.jpg",
                                           "photos/sub/deep/a.png"]
@@ -90,5 +90,5 @@ def test_a_folder_without_images(place):
     (place / "empty" / "readme.md").write_text("#")
     r = predict("empty")
     assert r.exit_code == 1
-    assert r.output.strip().endswith("error: folder empty holds no image files (1 other "
-                                     "file(s))"), r.output
+    assert r.output.strip().endswith("error: folder empty holds no image or video files "
+                                     "(1 other file(s))"), r.output

@@ -1,5 +1,5 @@
-"""``qdet bench ...``: the benchmarks of ``qdet.tools.bench`` as commands that print tables (or
-JSON). Every ratio is against a baseline measured in the same run."""
+"""``qdet bench ...``: the benchmarks of ``qdet.tools.bench`` (and ``bench_*``) as commands that
+print tables (or JSON). Every ratio is against a baseline measured in the same run."""
 from __future__ import annotations
 
 import json
@@ -284,3 +284,81 @@ def bench_gpu_cmd(
     passed, total = checks_passed(result)
     if passed < total:
         fail(f"{total - passed} of {total} kernel checks did not pass (see the report)")
+
+
+@bench_app.command("data")
+def bench_data_cmd(
+    images: Annotated[int, typer.Option(help="Training images of the built-in data to write "
+                                        "and read (128 px PNGs).")] = 4000,
+    repeat: Repeat = 3,
+    as_json: AsJson = False,
+):
+    """Reading speed of each dataset format (COCO, YOLO, Pascal VOC) on the same images:
+    everything `qdet train` reads and checks before its first step, as a ratio against
+    COCO; and conversion speed (`qdet data convert`), linking and copying images."""
+    from ..tools.bench import machine_description
+    from ..tools.bench_data import bench_data
+
+    result = bench_data(images, repeat)
+    machine = machine_description("cpu")
+    if as_json:
+        console.print_json(json.dumps({"machine": machine, **result}))
+        return
+    console.print(rows_table(
+        f"reading {images} images (labels checked, headers read), {machine}",
+        ("format", "s", "images/s", "x COCO"),
+        [(r["format"], f"{r['seconds']:.2f}", f"{r['images_per_s']:.0f}", f"{r['vs_coco']:.2f}")
+         for r in result["reading"]]))
+    console.print(rows_table(
+        f"qdet data convert, {images} images, {machine}", ("conversion", "s", "images/s"),
+        [(r["conversion"], f"{r['seconds']:.2f}", f"{r['images_per_s']:.0f}")
+         for r in result["conversion"]]))
+    console.print("x COCO: COCO's reading time over this format's (above 1: faster)")
+
+
+@bench_app.command("video")
+def bench_video_cmd(
+    arch: Annotated[str, typer.Option("--arch", "-a", help="Architecture of the built-in "
+                                      "preset model measured beside DETR-R50.")] = "conditional",
+    frames: Annotated[int, typer.Option(help="Frames of the test clip.")] = 120,
+    size: Annotated[str, typer.Option(help="Frame WxH of the test clip.")] = "640x480",
+    batch: Annotated[int, typer.Option(help="Frames per model call.")] = 4,
+    repeat: Annotated[int, typer.Option(help="Runs of each measurement (the best is "
+                                        "kept).")] = 1,
+    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="Also measure bfloat16 "
+                                       "autocast (slow on CPUs without AVX-512 BF16).")] = True,
+    as_json: AsJson = False,
+):
+    """`qdet predict` on a video: frames per second of the whole pipeline against the model
+    alone on the same frames (1: the model is the bottleneck), decoding alone and decoding
+    plus encoding, for the built-in preset model and DETR-R50 at 640 px, fp32 and bf16."""
+    from ..tools.bench import machine_description
+    from ..tools.bench_video import bench_video
+
+    if arch not in ARCHS:
+        fail(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        fail(f"--size must look like 640x480, got {size!r}")
+    from ..data.errors import DataError
+
+    try:
+        result = bench_video(arch, frames, (w, h), batch, ("fp32", "bf16") if bf16 else ("fp32",),
+                             repeat=repeat)
+    except DataError as e:   # no PyAV
+        fail(str(e))
+    machine = machine_description("cpu")
+    if as_json:
+        console.print_json(json.dumps({"machine": machine, **result}))
+        return
+    console.print(f"{frames} frames of {w}x{h}, {machine}: decoding alone "
+                  f"{result['decode_fps']:.0f} fps, decoding + encoding "
+                  f"{result['decode_encode_fps']:.0f} fps")
+    console.print(rows_table(
+        f"qdet predict on a video, batch {batch}, {machine}",
+        ("model", "precision", "model fps", "pipeline fps", "pipeline / model"),
+        [(r["model"], r["precision"], f"{r['model_fps']:.2f}", f"{r['pipeline_fps']:.2f}",
+          f"{r['ratio']:.2f}") for r in result["rows"]]))
+    console.print("model fps: the model alone on the frames held in memory; pipeline: decode, "
+                  "model, draw, encode in three threads (1.00: the model is the bottleneck)")

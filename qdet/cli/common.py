@@ -88,26 +88,44 @@ def load_model(weights: Path, device: str, fast: bool = True, compile: bool = Fa
 
 
 def eval_dataset(model, weights: Path, data: Optional[Path], images: Optional[Path],
-                 builtin_fallback: bool):
-    """The dataset to evaluate/debug on, preprocessed as the model expects: COCO JSON when
-    given, else the built-in validation split the checkpoint trained on (or the default
-    built-in split with ``builtin_fallback``)."""
-    from ..data.datasets import CocoDataset, ShapesDataset
+                 builtin_fallback: bool, split: Optional[str] = None):
+    """The dataset to evaluate/debug on, preprocessed as the model expects: ``data`` in any
+    format ``qdet.data.formats`` reads (a YOLO or VOC set's ``split``, default ``val``), else
+    the validation data the checkpoint trained on (its data spec: the built-in split, or
+    the files it names), else the default built-in split with ``builtin_fallback``. A VOC
+    set's classes take the model's order, so that its ids match the model's."""
+    from ..data.datasets import ShapesDataset, open_source
     from ..data.errors import DataError
+    from ..data.formats import source, spec_sources
     from ..data.shapes import ShapesConfig
     from ..data.transforms import AugmentConfig
 
     aug = AugmentConfig(eval_size=model.preprocess["size"], max_size=model.preprocess["max_size"])
+    classes = list(model.class_names)
     try:
         if data is not None:
-            if images is None:
+            if images is None and data.suffix.lower() == ".json":
                 fail("--data needs --images (the folder its file_name fields are in)")
-            return CocoDataset(data, images, aug, train=False)
+            src = source(data, images, split, default="val")
+            return open_source(src, aug, train=False, classes=classes)
         ckpt = model.data_info    # what its checkpoint (or ONNX file) says of its data
+        spec = ckpt.get("data") or {}
+        if spec.get("kind") not in (None, "shapes"):
+            train_src, val_src = spec_sources(spec)
+            src = val_src if split is None else {**train_src, "split": split}
+            if src is None:
+                fail(f"{weights} was trained without validation data: pass --data")
+            if split is not None and src["format"] == "coco":
+                fail(f"--split {split}: {weights} was trained on a COCO file, which is one "
+                     "split; pass --data")
+            return open_source(src, aug, train=False, classes=classes)
+        if split is not None:
+            fail(f"--split {split} needs --data (a YOLO or VOC set) or a checkpoint trained "
+                 "on one")
         shapes_cfg = ckpt.get("train", {}).get("shapes")
-        if ckpt.get("data", {}).get("kind") != "shapes" and not builtin_fallback:
-            fail("this checkpoint was not trained on built-in data: pass --data ANN.json "
-                 "--images DIR")
+        if spec.get("kind") != "shapes" and not builtin_fallback:
+            fail("this checkpoint does not say what data it was trained on: pass --data "
+                 "(a COCO JSON file with --images, a YOLO set or a VOC folder)")
         return ShapesDataset("val", ShapesConfig(**(shapes_cfg or {})), aug, train=False)
     except DataError as e:
         fail(str(e))

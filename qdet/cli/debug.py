@@ -15,9 +15,14 @@ def match_debug_cmd(
     weights: Annotated[Optional[str], typer.Option(help="Weights: " + WEIGHTS_HELP + "; "
                                                    "default: best.pt of the most recent run "
                                                    "under ./runs.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="COCO-format annotations (JSON); "
-                                                 "default: the built-in validation data.")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="Folder of the images.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="A COCO JSON file (with --images), a "
+                                                 "YOLO dataset YAML or its folder, or a "
+                                                 "Pascal VOC folder; default: the validation "
+                                                 "data the model trained on, else the "
+                                                 "built-in data.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of the images (COCO).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of a YOLO or VOC set (default "
+                                                 "val).")] = None,
     index: Annotated[int, typer.Option(help="Which image of the dataset (0-based).")] = 0,
     image_id: Annotated[Optional[int], typer.Option(help="Pick the image by its COCO "
                                                     "id instead.")] = None,
@@ -42,7 +47,7 @@ def match_debug_cmd(
         fail("match-debug needs the PyTorch model (every decoder layer's outputs): pass the "
              "checkpoint the ONNX file was exported from")
     model = load_model(path, pick_device(device))
-    dataset = eval_dataset(model, path, data, images, builtin_fallback=True)
+    dataset = eval_dataset(model, path, data, images, builtin_fallback=True, split=split)
     if image_id is not None:
         ids = [im["id"] for im in dataset.images] if hasattr(dataset, "images") \
             else list(range(len(dataset)))

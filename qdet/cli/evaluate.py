@@ -25,10 +25,13 @@ from .common import (
 
 def eval_(
     weights: Annotated[str, typer.Argument(help="Weights: " + WEIGHTS_HELP + ".")],
-    data: Annotated[Optional[Path], typer.Option(help="COCO-format annotations (JSON). "
-                                                 "Default: the data the model trained on, "
-                                                 "if built in.")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="Folder of the images.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="A COCO JSON file (with --images), a "
+                                                 "YOLO dataset YAML or its folder, or a "
+                                                 "Pascal VOC folder. Default: the validation "
+                                                 "data the model trained on.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of the images (COCO).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of a YOLO or VOC set (default "
+                                                 "val).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 4,
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 2,
     out: Annotated[Optional[Path], typer.Option(help="Where to write the COCO results JSON; "
@@ -58,7 +61,7 @@ def eval_(
 
     path = find_weights(weights)
     model = load_model(path, pick_device(device), compile=compile, bf16=bf16)
-    dataset = eval_dataset(model, path, data, images, builtin_fallback=False)
+    dataset = eval_dataset(model, path, data, images, builtin_fallback=False, split=split)
     try:
         classes = match_classes(model, dataset)
     except ValueError as e:

@@ -62,13 +62,21 @@ Arch = Annotated[Optional[str], typer.Option(
 @say_why_on_sigterm()
 def train(
     arch: Arch = None,
-    data: Annotated[Optional[Path], typer.Option(help="COCO-format training annotations "
-                                                 "(JSON). Default: the built-in shapes "
-                                                 "data.")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="Folder of the training images.")] = None,
-    val_data: Annotated[Optional[Path], typer.Option(help="COCO-format validation JSON.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Training data: a COCO JSON file "
+                                                 "(with --images), a YOLO dataset YAML or "
+                                                 "its folder, or a Pascal VOC folder. "
+                                                 "Default: the built-in shapes data.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of the training images "
+                                                   "(COCO).")] = None,
+    val_data: Annotated[Optional[Path], typer.Option(help="Validation data, as --data; "
+                                                     "default: the 'val' split of a YOLO or "
+                                                     "VOC --data.")] = None,
     val_images: Annotated[Optional[Path], typer.Option(help="Folder of the validation "
-                                                       "images.")] = None,
+                                                       "images (COCO).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of a YOLO or VOC --data to train "
+                                                 "on (default train).")] = None,
+    val_split: Annotated[Optional[str], typer.Option(help="Split to validate on (default "
+                                                     "val).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Number of epochs (preset default "
                                                   "if unset).")] = None,
     time_budget: Annotated[Optional[float], typer.Option(
@@ -168,7 +176,8 @@ def train(
                      resume=resume, device=pick_device(device), preset=preset,
                      model_overrides=model_o, train_overrides=train_o,
                      backbone_weights=backbone_weights and str(backbone_weights),
-                     weights=weights, freeze_backbone=freeze_backbone)
+                     weights=weights, freeze_backbone=freeze_backbone, split=split,
+                     val_split=val_split)
     except TrainingStopped as e:  # part-way: under torchrun perhaps on this rank alone
         fail(str(e), every_rank=True)
     except (DataError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:

@@ -75,7 +75,7 @@ def _is_number(v) -> bool:
         return False
 
 
-def _name_problem(name) -> str | None:
+def name_problem(name) -> str | None:
     """Why ``name`` cannot be a file name under the image folder, if it cannot. Names are
     relative paths that stay inside the folder; symlinks in it are followed."""
     if not isinstance(name, str) or not name:
@@ -105,7 +105,7 @@ def _check_images(path: Path, images: list) -> dict:
         where += f" (id {im['id']})"
         if im["id"] in by_id:
             raise DataError(f"{where}: image id {im['id']} appears twice in 'images'")
-        problem = _name_problem(im["file_name"])
+        problem = name_problem(im["file_name"])
         if problem:
             raise DataError(f"{where}: file_name {_show(im['file_name'])} {problem}")
         for key in ("width", "height"):
@@ -131,7 +131,7 @@ def _check_categories(path: Path, categories: list) -> set:
     return ids
 
 
-def _image_problem(path: Path, verify: bool) -> tuple[tuple[int, int] | None, str | None]:
+def image_problem(path: Path, verify: bool) -> tuple[tuple[int, int] | None, str | None]:
     """``((width, height), None)`` of a readable image file, or ``(None, why not)``. Reads
     the header (and with ``verify`` PIL's checks, e.g. PNG checksums), not the pixels."""
     try:
@@ -147,6 +147,13 @@ def _image_problem(path: Path, verify: bool) -> tuple[tuple[int, int] | None, st
         return None, f"unreadable: {error_reason(e)}"
 
 
+def image_sizes(files: list[Path], verify: bool = True) -> list:
+    """:func:`image_problem` of every file, read in threads (headers are small reads, so
+    the disk's latency, not the CPU, sets the pace)."""
+    with bomb_guard(), ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda p: image_problem(p, verify), files))
+
+
 def _check_files(path: Path, image_dir: Path, images: list, verify: bool) -> list:
     """The (width, height) of every image file, checked against the declared sizes."""
     if not images:
@@ -156,8 +163,7 @@ def _check_files(path: Path, image_dir: Path, images: list, verify: bool) -> lis
         raise DataError(f"image folder {image_dir} not found (given with the annotations "
                         f"{path})")
     files = [image_dir / im["file_name"] for im in images]
-    with bomb_guard(), ThreadPoolExecutor(8) as pool:
-        checked = list(pool.map(lambda p: _image_problem(p, verify), files))
+    checked = image_sizes(files, verify)
     bad = [(i, why) for i, (_, why) in enumerate(checked) if why]
     if bad:
         listing = "; ".join(f"images[{i}] {files[i]} ({why})" for i, why in bad[:5])
@@ -174,10 +180,10 @@ def _check_files(path: Path, image_dir: Path, images: list, verify: bool) -> lis
     return sizes
 
 
-def _check_annotations(path: Path, annotations: list, images: dict, cat_ids: set,
-                       sizes: dict) -> tuple[list, int]:
-    """The annotations with their boxes clipped to their images; degenerate ones dropped
-    (and counted); ids unique (missing ones numbered after the largest)."""
+def _check_annotations(path: Path | str, annotations: list, images: dict, cat_ids: set,
+                       sizes: dict, clip: bool = True) -> tuple[list, int]:
+    """The annotations with their boxes clipped to their images (``clip``); degenerate ones
+    dropped (and counted); ids unique (missing ones numbered after the largest)."""
     if not annotations:
         raise DataError(f"{path}: 'annotations' is empty: none of the {len(images)} images "
                         "has a box to learn from or to be scored against")
@@ -216,7 +222,7 @@ def _check_annotations(path: Path, annotations: list, images: dict, cat_ids: set
         x0, y0, w, h = (float(v) for v in bbox)
         x1, y1 = x0 + w, y0 + h
         size = sizes.get(a["image_id"])
-        if size is not None:  # clip to the image, as DETR does
+        if size is not None and clip:  # clip to the image, as DETR does
             x0, x1 = min(max(x0, 0.0), size[0]), min(max(x1, 0.0), size[0])
             y0, y1 = min(max(y0, 0.0), size[1]), min(max(y1, 0.0), size[1])
         if not all(map(math.isfinite, (x1, y1))):
@@ -234,11 +240,14 @@ def _check_annotations(path: Path, annotations: list, images: dict, cat_ids: set
     return anns, dropped
 
 
-def validate_coco(ann_file: Path, image_dir: Path, verify_images: bool = True) -> dict:
+def validate_coco(ann_file: Path, image_dir: Path, verify_images: bool = True,
+                  clip: bool = True) -> dict:
     """Check a COCO-format dataset; returns a cleaned copy (boxes clipped to their images,
-    degenerate ones dropped, ``id``/``area``/``iscrowd`` filled in) or raises DataError
+    degenerate ones dropped, ``id``/``area``/``iscrowd`` and each image's ``width``/``height``
+    filled in) or raises DataError
     naming the file, the entry and the fix. Image files are checked by their headers (and
-    PIL's ``verify``); a file whose pixels are cut short is found when it is decoded."""
+    PIL's ``verify``); a file whose pixels are cut short is found when it is decoded.
+    ``clip=False`` keeps boxes as written (conversion copies them exactly)."""
     ann_file, image_dir = Path(ann_file), Path(image_dir)
     data = _read_json(ann_file)
     _check_fields(ann_file, "images", data["images"], ("id", "file_name"))
@@ -248,8 +257,29 @@ def validate_coco(ann_file: Path, image_dir: Path, verify_images: bool = True) -
     cat_ids = _check_categories(ann_file, data["categories"])
     file_sizes = _check_files(ann_file, image_dir, data["images"], verify_images)
     sizes = {im["id"]: size for im, size in zip(data["images"], file_sizes)}
-    anns, dropped = _check_annotations(ann_file, data["annotations"], images, cat_ids, sizes)
+    anns, dropped = _check_annotations(ann_file, data["annotations"], images, cat_ids, sizes,
+                                       clip)
+    _warn_dropped(ann_file, dropped)
+    images = [{**im, "width": w, "height": h} for im, (w, h) in zip(data["images"], file_sizes)]
+    return {**data, "images": images, "annotations": anns}
+
+
+def _warn_dropped(source, dropped: int) -> None:
     if dropped:
-        warnings.warn(f"{ann_file}: dropped {dropped} degenerate box(es) (width or height <= 0 "
-                      "after clipping to the image)", stacklevel=2)
+        warnings.warn(f"{source}: dropped {dropped} degenerate box(es) (width or height <= 0 "
+                      "after clipping to the image)", stacklevel=3)
+
+
+def check_coco_dict(data: dict, source: str, clip: bool = True) -> dict:
+    """The checks of :func:`validate_coco` that need no file, on a dict a YOLO or VOC reader
+    built (which has read every image's header and every label itself, and says where a
+    problem is in its own files' terms): the same cleaned copy, boxes clipped to the sizes
+    in ``images`` (unless ``clip`` is False), degenerate ones dropped and counted. A failure
+    here is a bug of the reader, not of the data."""
+    images = _check_images(source, data["images"])
+    cat_ids = _check_categories(source, data["categories"])
+    sizes = {im["id"]: (im["width"], im["height"]) for im in data["images"]}
+    anns, dropped = _check_annotations(source, data["annotations"], images, cat_ids, sizes,
+                                       clip)
+    _warn_dropped(source, dropped)
     return {**data, "annotations": anns}

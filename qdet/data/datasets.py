@@ -1,8 +1,8 @@
-"""Datasets: the built-in ``shapes`` data and any COCO-format JSON with an image folder give
-the same samples: ``(image [3,H,W] normalized with ImageNet mean/std, target)`` where
-``target`` holds ``labels`` (contiguous 0..K-1), ``boxes`` (normalized cx,cy,w,h),
-``image_id``, ``orig_size`` and ``size`` (h, w). COCO input is checked before anything
-trains (``qdet.data.coco``)."""
+"""Datasets: the built-in ``shapes`` data and a split of any dataset on disk (COCO JSON, a
+YOLO set, Pascal VOC; ``qdet.data.formats``) give the same samples: ``(image [3,H,W]
+normalized with ImageNet mean/std, target)`` where ``target`` holds ``labels`` (contiguous
+0..K-1), ``boxes`` (normalized cx,cy,w,h), ``image_id``, ``orig_size`` and ``size`` (h, w).
+Data on disk is checked before anything trains (``qdet.data.coco``, ``yolo``, ``voc``)."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +19,9 @@ from torchvision import tv_tensors
 from . import shapes
 from .coco import validate_coco
 from .errors import DataError
+from .formats import read_source, spec_sources
 from .images import load_image
+from .split import SplitData
 from .transforms import AugmentConfig, augment, to_sample
 
 
@@ -87,16 +89,17 @@ class ShapesDataset(DetectionDataset):
         return shapes.coco_dict(self.cfg, self.split)
 
 
-class CocoDataset(DetectionDataset):
-    """COCO-format annotations + image folder, validated up front."""
+class AnnotatedDataset(DetectionDataset):
+    """A split read from disk in any format (``qdet.data.formats``: COCO JSON, a YOLO set,
+    Pascal VOC), as the COCO-style data every reader produces and the folder its file
+    names are relative to; crowd boxes (and VOC's difficult ones) are kept for evaluation
+    and left out of training targets."""
 
-    def __init__(self, ann_file: str | Path, image_dir: str | Path,
-                 augment_cfg: AugmentConfig | None = None, train: bool = True, seed: int = 0,
-                 verify_images: bool = True):
+    def __init__(self, split: SplitData, augment_cfg: AugmentConfig | None = None,
+                 train: bool = True, seed: int = 0):
         super().__init__(augment_cfg or AugmentConfig(), train, seed)
-        self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
-        self.source = str(self.ann_file)
-        self.data = validate_coco(self.ann_file, self.image_dir, verify_images)
+        self.split_data, self.data = split, split.data
+        self.image_dir, self.source = Path(split.image_root), split.source
         cats = sorted(self.data["categories"], key=lambda c: c["id"])
         self.category_ids = [c["id"] for c in cats]
         self.class_names = [str(c.get("name", c["id"])) for c in cats]
@@ -121,7 +124,7 @@ class CocoDataset(DetectionDataset):
         try:
             return load_image(self.image_dir / im["file_name"])
         except DataError as e:  # decoding finds what the header check could not (a cut JPEG)
-            raise DataError(f"{self.ann_file}: images[{index}] (id {im['id']}): {e}") from None
+            raise DataError(f"{self.source}: images[{index}] (id {im['id']}): {e}") from None
 
     def __getitem__(self, index: int):
         im = self.images[index]
@@ -131,6 +134,35 @@ class CocoDataset(DetectionDataset):
 
     def coco_dict(self) -> dict:
         return self.data
+
+
+class CocoDataset(AnnotatedDataset):
+    """COCO-format annotations + image folder, validated up front."""
+
+    def __init__(self, ann_file: str | Path, image_dir: str | Path,
+                 augment_cfg: AugmentConfig | None = None, train: bool = True, seed: int = 0,
+                 verify_images: bool = True):
+        self.ann_file = Path(ann_file)
+        data = validate_coco(self.ann_file, Path(image_dir), verify_images)
+        super().__init__(SplitData(data, Path(image_dir), str(self.ann_file), "coco"),
+                         augment_cfg, train, seed)
+
+
+def open_source(src: dict, augment_cfg: AugmentConfig | None = None, train: bool = True,
+                seed: int = 0, classes: list[str] | None = None) -> AnnotatedDataset:
+    """The dataset of a data spec's source (``qdet.data.formats``); ``classes`` orders a
+    VOC set's classes (the training split's, a checkpoint's)."""
+    return AnnotatedDataset(read_source(src, classes), augment_cfg, train, seed)
+
+
+def open_spec(spec: dict, augment_cfg: AugmentConfig, seed: int = 0):
+    """``(train, val or None)`` datasets of a run's data spec other than the built-in data;
+    the validation split takes the training split's class order."""
+    train_src, val_src = spec_sources(spec)
+    train_set = open_source(train_src, augment_cfg, True, seed)
+    val_set = None if val_src is None else open_source(val_src, augment_cfg, False, seed,
+                                                       classes=train_set.class_names)
+    return train_set, val_set
 
 
 def collate(batch):

@@ -1,4 +1,4 @@
-"""Inference on image files and drawing of detections (used by ``qdet predict``)."""
+"""Inference on image files, and finding the images and videos ``qdet predict`` is given."""
 from __future__ import annotations
 
 import glob
@@ -13,6 +13,7 @@ from ..blocks.base import Detector, model_device, postprocess
 from ..data.errors import DataError
 from ..data.images import load_image
 from ..data.transforms import eval_transform
+from ..data.video import is_video_name, looks_like_video
 
 
 @torch.inference_mode()
@@ -45,12 +46,22 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in Image.registered_extensions()
 
 
+def is_video(path: Path, named: bool = False) -> bool:
+    """Whether ``qdet predict`` reads ``path`` as a video: a video suffix (``.mp4``, ...);
+    or, for a file ``named`` on the command line with neither an image's nor a video's
+    suffix, one that PyAV opens as a moving picture."""
+    if is_video_name(path):
+        return True
+    return named and not is_image_name(path) and looks_like_video(path)
+
+
 def find_images(inputs: list[str]) -> tuple[list[Path], dict[Path, int]]:
-    """The image files that ``qdet predict`` arguments name: a file as given (whatever its
-    extension), every file with an image extension under a folder (recursively), or the
-    files a glob pattern matches (``"photos/**/*.jpg"``). Returns the files, sorted within
-    each argument and without repeats, and per folder how many other files were skipped.
-    Raises DataError for ``-``, a URL, or a name that matches nothing."""
+    """The image and video files that ``qdet predict`` arguments name: a file as given
+    (whatever its extension), every file with an image or video extension under a folder
+    (recursively), or the files a glob pattern matches (``"photos/**/*.jpg"``). Returns the
+    files, sorted within each argument and without repeats, and per folder how many other
+    files were skipped. Raises DataError for ``-``, a URL, or a name that matches
+    nothing."""
     files, skipped = {}, {}
     for arg in inputs:
         if arg == "-":
@@ -62,11 +73,11 @@ def find_images(inputs: list[str]) -> tuple[list[Path], dict[Path, int]]:
         path = Path(arg)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file())
-            images = [p for p in found if is_image_name(p)]
+            images = [p for p in found if is_image_name(p) or is_video_name(p)]
             if len(images) < len(found):
                 skipped[path] = len(found) - len(images)
             if not images:
-                raise DataError(f"folder {path} holds no image files "
+                raise DataError(f"folder {path} holds no image or video files "
                                 f"({len(found)} other file(s))")
         elif path.exists() or path.is_symlink():
             images = [path]  # named explicitly: tried whatever it is, its error said

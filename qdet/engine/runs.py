@@ -32,17 +32,14 @@ from .trainer import check_batches, init_distributed, train
 
 
 def make_datasets(spec: dict, cfg: TrainConfig):
-    """(train, val) datasets from a data spec (stored in checkpoints for --resume)."""
-    from ..data.datasets import CocoDataset, ShapesDataset
+    """(train, val) datasets from a data spec (stored in checkpoints for --resume; any format
+    ``qdet.data.formats`` reads)."""
+    from ..data.datasets import ShapesDataset, open_spec
 
     if spec["kind"] == "shapes":
         return (ShapesDataset("train", cfg.shapes, cfg.augment, train=True, seed=cfg.seed),
                 ShapesDataset("val", cfg.shapes, cfg.augment, train=False, seed=cfg.seed))
-    train_set = CocoDataset(spec["train_ann"], spec["train_images"], cfg.augment, True, cfg.seed)
-    val_set = None
-    if spec.get("val_ann"):
-        val_set = CocoDataset(spec["val_ann"], spec["val_images"], cfg.augment, False, cfg.seed)
-    return train_set, val_set
+    return open_spec(spec, cfg.augment, cfg.seed)
 
 
 @dataclass
@@ -91,16 +88,13 @@ def resume_run(out: str | None, train_overrides: dict) -> Run:
 
 
 def data_spec(data: str | None, images: str | None, val_data: str | None,
-              val_images: str | None) -> dict:
-    """Where a run's data comes from: the built-in shapes data, or COCO-format files."""
-    if data is None:
-        return {"kind": "shapes"}
-    if images is None:
-        raise ValueError("--data needs --images (the folder its file_name fields are in)")
-    if val_data is not None and val_images is None:
-        raise ValueError("--val-data needs --val-images")
-    return {"kind": "coco", "train_ann": str(data), "train_images": str(images),
-            "val_ann": val_data and str(val_data), "val_images": val_images and str(val_images)}
+              val_images: str | None, split: str | None = None,
+              val_split: str | None = None) -> dict:
+    """Where a run's data comes from: the built-in shapes data, or files in any format
+    ``qdet.data.formats`` reads (its ``data_spec``)."""
+    from ..data.formats import data_spec as spec_of
+
+    return spec_of(data, images, val_data, val_images, split, val_split)
 
 
 def train_config(arch: str, kind: str, spec: dict, train_overrides: dict) -> TrainConfig:
@@ -225,14 +219,16 @@ def fit(arch: str | None = None, *, data: str | None = None, images: str | None 
         resume: bool = False, device: str | None = None, preset: str | None = None,
         model_overrides: dict | None = None, train_overrides: dict | None = None,
         backbone_weights: str | None = None, weights: str | None = None,
-        freeze_backbone: bool = False) -> dict:
+        freeze_backbone: bool = False, split: str | None = None,
+        val_split: str | None = None) -> dict:
     """Set up and run training; the Python twin of ``qdet train``. Returns the last epoch's
     metrics and the run folder (and, fine-tuning, what was transferred).
 
     Without ``data`` the model trains on the built-in shapes data with the method's
-    ``shapes`` preset; with COCO-format ``data``/``images`` it uses the paper's recipe
-    (``paper``; ``qdet.engine.presets``). ``arch`` defaults to ``detr``. Overrides are dotted
-    config keys (``{'d_model': 128}``, ``{'augment.crop': False}``); unset options never
+    ``shapes`` preset; with ``data`` (a COCO file with ``images``, a YOLO set or a VOC
+    folder: ``qdet.data.formats``; ``split``/``val_split`` pick a set's splits, default
+    ``train``/``val``) it uses the paper's recipe (``paper``; ``qdet.engine.presets``).
+    ``arch`` defaults to ``detr``. Overrides are dotted config keys (``{'d_model': 128}``, ``{'augment.crop': False}``); unset options never
     override a preset. ``resume`` continues the run in ``out`` (else the most recent)
     from its own architecture, model and data: only training overrides may be given.
     ``weights`` (a file, HF folder, zoo name or ``hf:owner/name``) fine-tunes those weights
@@ -247,7 +243,8 @@ def fit(arch: str | None = None, *, data: str | None = None, images: str | None 
             ("--preset", preset), ("--set (model options)", model_overrides),
             ("--backbone-weights", backbone_weights), ("--weights", weights),
             ("--freeze-backbone", freeze_backbone), ("--data", data), ("--images", images),
-            ("--val-data", val_data), ("--val-images", val_images)) if value]
+            ("--val-data", val_data), ("--val-images", val_images), ("--split", split),
+            ("--val-split", val_split)) if value]
         if given:
             raise ValueError(f"--resume continues a run with its own model and data, so "
                              f"{', '.join(given)} cannot apply; drop them, or start a new run")
@@ -259,14 +256,16 @@ def fit(arch: str | None = None, *, data: str | None = None, images: str | None 
         if backbone_weights:
             raise ValueError("--backbone-weights cannot apply with --weights (which holds the "
                              "backbone too); drop one")
-        run = finetune_run(weights, arch, data_spec(data, images, val_data, val_images), out,
+        spec = data_spec(data, images, val_data, val_images, split, val_split)
+        run = finetune_run(weights, arch, spec, out,
                            preset, model_overrides or {}, train_overrides or {},
                            freeze_backbone, world)
     else:
         if freeze_backbone:
             raise ValueError("--freeze-backbone needs --weights (a backbone trained from "
                              "scratch cannot stay fixed)")
-        run = new_run(arch or "detr", data_spec(data, images, val_data, val_images), out,
+        run = new_run(arch or "detr", data_spec(data, images, val_data, val_images, split,
+                                                val_split), out,
                       preset, model_overrides or {}, train_overrides or {}, backbone_weights,
                       world)
     check_batches(run.train_set, run.cfg, world)

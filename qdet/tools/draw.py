@@ -1,6 +1,6 @@
 """Drawing detections on images: boxes with a label tag, one colour per class, small images
 enlarged first so that labels do not cover the objects (``qdet predict``, ``qdet
-match-debug``)."""
+match-debug``; video frames keep their size)."""
 from __future__ import annotations
 
 import colorsys
@@ -48,10 +48,12 @@ def enlarge(img: Image.Image, min_side: int = 512) -> tuple[Image.Image, int]:
     return img.resize((img.width * k, img.height * k), Image.NEAREST), k
 
 
-def draw_detections(img: Image.Image, detections: list[dict]) -> Image.Image:
-    """A copy of ``img`` (enlarged when small, see :func:`enlarge`) with each detection's
-    box, name and score."""
-    img, k = enlarge(img)
+def draw_detections(img: Image.Image, detections: list[dict],
+                    enlarge_small: bool = True) -> Image.Image:
+    """A copy of ``img`` (enlarged when small, see :func:`enlarge`, unless
+    ``enlarge_small`` is False: a video's frames keep the video's size) with each
+    detection's box, name and score."""
+    img, k = enlarge(img) if enlarge_small else (img.convert("RGB"), 1)
     draw, font = ImageDraw.Draw(img), font_for(img)
     width = max(2, min(img.width, img.height) // 200)
     for d in detections:
