@@ -20,15 +20,16 @@ from conftest import TINY, TINY_SHAPES
 
 MODEL = {k: v for k, v in TINY["detr"].items() if k != "num_classes"}
 TRAIN = {"batch_size": 4, "num_workers": 0, "shapes.train_images": 8, "shapes.val_images": 4,
-         "shapes.image_size": 64, "warmup_steps": 0, "time.warmup": 2, "time.max_evals": 3}
+         "shapes.image_size": 64, "warmup_steps": 0, "time.warmup": 2, "time.max_evals": 3,
+         "time.warmup_share": 1.0}
 STEP_S, PROBE_S = 2.0, 0.5   # what the fake clock says a step and the evaluation probe take
 
 
 def test_plan_by_hand():
     # 600 s budget, 100 s used, 0.5 s a step, 10 s an evaluation: 6 evaluations (a tenth of
-    # the budget), (600 - 100 - 60) / 0.5 = 880 steps more
-    assert plan(600, 100, 0.5, 10, 20, 10) == (900, 6)
-    assert plan(600, 100, 0.5, 1, 20, 10) == (20 + int((500 - 10) / 0.5), 10)  # capped at 10
+    # the budget) and a report of half of one, (600 - 100 - 60 - 5) / 0.5 = 870 steps more
+    assert plan(600, 100, 0.5, 10, 20, 10) == (890, 6)
+    assert plan(600, 100, 0.5, 1, 20, 10) == (20 + int((500 - 10.5) / 0.5), 10)  # 10 at most
     assert plan(600, 100, 0.5, 0, 20, 4) == (20 + 1000, 4)                      # no val data
     assert plan(60, 70, 0.5, 1, 20, 10) == (20, 1)          # budget spent by the warm-up
     assert part_bounds(TimeConfig(warmup=4, total_steps=14, evals=3)) == [0, 7, 11, 14]
@@ -86,22 +87,31 @@ def test_step_schedule_drops_at_the_same_fraction():
 
 @pytest.fixture
 def fake_clock(monkeypatch):
-    """Time that moves only when a training step (STEP_S) or the evaluation probe
-    (PROBE_S) runs."""
-    clock = {"now": 0.0, "step": STEP_S}
+    """Time that moves only when a training step (STEP_S), the evaluation probe or an
+    evaluation (PROBE_S each) runs."""
+    clock = {"now": 0.0, "step": STEP_S, "steps": 0, "slower": (10**9, 0.0)}
     monkeypatch.setattr(qdet.engine.budget, "clock", lambda: clock["now"])
     real_step, real_predict = qdet.engine.step.train_step, qdet.engine.trainer.predict_dataset
 
     def step(*args, **kwargs):
-        clock["now"] += clock["step"]
+        clock["steps"] += 1
+        after, seconds = clock["slower"]          # steps after the first `after` take longer
+        clock["now"] += seconds if clock["steps"] > after else clock["step"]
         return real_step(*args, **kwargs)
 
     def predict(*args, **kwargs):
         clock["now"] += PROBE_S
         return real_predict(*args, **kwargs)
 
+    real_evaluate = qdet.engine.trainer.evaluate
+
+    def evaluate(*args, **kwargs):   # the whole 4-image val set, as the probe predicted it
+        clock["now"] += PROBE_S
+        return real_evaluate(*args, **kwargs)
+
     monkeypatch.setattr(qdet.engine.step, "train_step", step)
     monkeypatch.setattr(qdet.engine.trainer, "predict_dataset", predict)
+    monkeypatch.setattr(qdet.engine.trainer, "evaluate", evaluate)
     return clock
 
 
@@ -116,16 +126,16 @@ def rows(run):
 
 def test_time_sets_steps_from_the_warm_up_and_resumes_exactly(tmp_path, fake_clock, monkeypatch):
     """18 s budget; 2 warm-up steps of 2 s and a probe of the whole 4-image val set of 0.5 s:
-    4.5 s used; 3 evaluations (0.5 s each fits a tenth of 18 s three times); the 12 s left
-    hold 6 more steps: 8 in all, in parts of 4, 2 and 2 steps."""
+    4.5 s used; 3 evaluations (0.5 s each fits a tenth of 18 s three times) and a report of
+    0.25 s; the 11.75 s left hold 5 more steps: 7 in all, in parts of 4, 1 and 2 steps."""
     timed_run(tmp_path / "straight")
     ckpt = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     t = ckpt["train"]["time"]
-    assert (t["total_steps"], t["evals"]) == (8, 3)
+    assert (t["total_steps"], t["evals"], t["planned_steps"]) == (7, 3, 7)
     assert t["step_seconds"] == pytest.approx(STEP_S) and t["eval_seconds"] == pytest.approx(0.5)
     r = rows(tmp_path / "straight")
-    assert [x["epoch"] for x in r] == [1, 2, 3] and [x["step"] for x in r] == [4, 6, 8]
-    assert [x["steps"] for x in r] == [4, 2, 2] and [x["images"] for x in r] == [16, 24, 32]
+    assert [x["epoch"] for x in r] == [1, 2, 3] and [x["step"] for x in r] == [4, 5, 7]
+    assert [x["steps"] for x in r] == [4, 1, 2] and [x["images"] for x in r] == [16, 20, 28]
     assert all("AP" in x for x in r)                      # every part ends evaluated
     assert r[-1]["lr"] == pytest.approx(0.0, abs=1e-12)   # cosine ends with the budget
     config = json.loads((tmp_path / "straight" / "config.json").read_text())
@@ -147,7 +157,7 @@ def test_time_sets_steps_from_the_warm_up_and_resumes_exactly(tmp_path, fake_clo
     fake_clock["step"] = 50.0   # a slower machine now: the plan stays
     fit("detr", out=str(tmp_path / "split"), resume=True, device="cpu")
     a, b = rows(tmp_path / "straight"), rows(tmp_path / "split")
-    assert [x["step"] for x in b] == [4, 6, 8]
+    assert [x["step"] for x in b] == [4, 5, 7]
     assert b[-1]["loss"] == pytest.approx(a[-1]["loss"], rel=1e-6)
     wa = qdet.load(tmp_path / "straight" / "last.pt").state_dict()
     wb = qdet.load(tmp_path / "split" / "last.pt").state_dict()
@@ -158,6 +168,42 @@ def test_time_sets_steps_from_the_warm_up_and_resumes_exactly(tmp_path, fake_clo
     with pytest.raises(ValueError, match="keeps a run's length"):
         fit("detr", out=str(tmp_path / "split"), resume=True, device="cpu",
             train_overrides={"epochs": 5})
+
+
+def test_steps_slower_than_planned_end_the_run_early(tmp_path, fake_clock):
+    """The plan above (7 steps in parts ending at 4, 5, 7); from step 3 on a step takes 5 s.
+    The last evaluation and the report must start by 18 - 0.5 - 0.25 = 17.25 s: part 1 ends
+    at 14.5 s as planned and is evaluated by 15 s; step 5 ends at 20 s, so part 2 stops
+    there and is the last."""
+    fake_clock["slower"] = (2, 5.0)
+    timed_run(tmp_path / "run")
+    t = json.loads((tmp_path / "run" / "config.json").read_text())["train"]["time"]
+    assert (t["total_steps"], t["evals"], t["planned_steps"]) == (5, 2, 7)
+    r = rows(tmp_path / "run")
+    assert [x["step"] for x in r] == [4, 5] and all("AP" in x for x in r)
+    # over by the one step that crossed the deadline, less the report's unused 0.25 s
+    assert fake_clock["now"] == pytest.approx(20.5)
+    with pytest.raises(ValueError, match="already finished"):
+        fit("detr", out=str(tmp_path / "run"), resume=True, device="cpu")
+
+
+@pytest.mark.parametrize("minutes, step_s, expected", [
+    # 18 s: the first 2 s step passes the warm-up's 1.8 s; 18 - 2.5 - 1.5 - 0.25 = 13.75 s
+    # hold 6 more steps, in parts ending at 3, 5, 7
+    (0.3, 2.0, dict(warmup=1, total_steps=7, evals=3, ends=[3, 5, 7])),
+    # one minute, a step of 50 s (images far larger than the model's preset expects): one
+    # step, its evaluation, and the run ends inside the minute
+    (1.0, 50.0, dict(warmup=1, total_steps=1, evals=1, ends=[1])),
+])
+def test_slow_warm_up_keeps_to_its_share_of_the_budget(tmp_path, fake_clock, minutes, step_s,
+                                                        expected):
+    fake_clock["step"] = step_s
+    timed_run(tmp_path / "run", minutes, **{"time.warmup": 20, "time.warmup_share": 0.1})
+    t = json.loads((tmp_path / "run" / "config.json").read_text())["train"]["time"]
+    assert {k: t[k] for k in ("warmup", "total_steps", "evals")} == \
+        {k: v for k, v in expected.items() if k != "ends"}
+    assert [x["step"] for x in rows(tmp_path / "run")] == expected["ends"]
+    assert fake_clock["now"] <= minutes * 60
 
 
 def test_time_and_epochs_are_one_or_the_other(tmp_path, monkeypatch):

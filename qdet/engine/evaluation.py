@@ -115,11 +115,12 @@ def predict_dataset(model: Detector, dataset: DetectionDataset, device, batch_si
 
 
 def coco_eval(dataset: DetectionDataset, results: list[dict],
-              cat_ids: list[int] | None = None) -> COCOeval | None:
+              cat_ids: list[int] | None = None,
+              image_ids: list[int] | None = None) -> COCOeval | None:
     """pycocotools' bbox evaluation of ``results`` over ``cat_ids`` (default: every category
-    of the data), evaluated, accumulated and summarized (``.stats``, and
-    ``.eval['precision']`` per IoU, recall, category, area and max detections); None when
-    there is no detection at all."""
+    of the data) and ``image_ids`` (default: every image), evaluated, accumulated and
+    summarized (``.stats``, and ``.eval['precision']`` per IoU, recall, category, area and
+    max detections); None when there is no detection at all."""
     if not results:
         return None
     gt = dataset.coco_gt()
@@ -128,6 +129,8 @@ def coco_eval(dataset: DetectionDataset, results: list[dict],
         ev = COCOeval(gt, dt, "bbox")
         if cat_ids is not None:
             ev.params.catIds = cat_ids
+        if image_ids is not None:
+            ev.params.imgIds = image_ids
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -142,10 +145,11 @@ def stats_of(ev: COCOeval | None) -> dict[str, float]:
 
 
 def coco_stats(dataset: DetectionDataset, results: list[dict],
-               cat_ids: list[int] | None = None) -> dict[str, float]:
-    """pycocotools bbox metrics over ``cat_ids`` (default: every category of the data); all
-    zeros when there is no detection at all."""
-    return stats_of(coco_eval(dataset, results, cat_ids))
+               cat_ids: list[int] | None = None,
+               image_ids: list[int] | None = None) -> dict[str, float]:
+    """pycocotools bbox metrics over ``cat_ids`` and ``image_ids`` (default: all of the
+    data's); all zeros when there is no detection at all."""
+    return stats_of(coco_eval(dataset, results, cat_ids, image_ids))
 
 
 def evaluate(model: Detector, dataset: DetectionDataset, device, batch_size: int = 8,

@@ -23,7 +23,7 @@ from ..models.registry import build_config, build_model, method
 from ..weights.checkpoint import read_checkpoint
 from ..weights.finetune import transfer
 from ..weights.loading import model_from_checkpoint, model_from_source
-from . import presets
+from . import budget, presets
 from .config import TrainConfig
 from .evaluation import match_classes
 from .faults import stopping_clearly
@@ -220,7 +220,7 @@ def fit(arch: str | None = None, *, data: str | None = None, images: str | None 
         model_overrides: dict | None = None, train_overrides: dict | None = None,
         backbone_weights: str | None = None, weights: str | None = None,
         freeze_backbone: bool = False, split: str | None = None,
-        val_split: str | None = None) -> dict:
+        val_split: str | None = None, started: float | None = None) -> dict:
     """Set up and run training; the Python twin of ``qdet train``. Returns the last epoch's
     metrics and the run folder (and, fine-tuning, what was transferred).
 
@@ -234,7 +234,9 @@ def fit(arch: str | None = None, *, data: str | None = None, images: str | None 
     ``weights`` (a file, HF folder, zoo name or ``hf:owner/name``) fine-tunes those weights
     to the data's classes: architecture and sizes come from them, class rows are copied by
     class name (``qdet.weights.finetune``); ``freeze_backbone`` keeps the backbone fixed.
+    ``started``: when a timed run's budget began (``budget.clock()``; default: now).
     """
+    started = budget.clock() if started is None else started
     rank, world, device_ = init_distributed(device)
     if world > 1:
         rank_zero_only(rank)
@@ -277,7 +279,7 @@ def fit(arch: str | None = None, *, data: str | None = None, images: str | None 
         announce(run, world, device_)
     with stopping_clearly(rank, world, run.out):
         metrics = train(run.model, run.train_set, run.val_set, run.cfg, run.out, device_,
-                        run.data_spec, run.resume)
+                        run.data_spec, run.resume, started)
     return {"metrics": metrics, "out": str(run.out), "weights": run.weights}
 
 

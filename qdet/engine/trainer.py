@@ -35,7 +35,7 @@ from . import budget
 from .budget import PassIndexed, StreamSampler
 from .config import TrainConfig
 from .ema import ModelEMA
-from .evaluation import evaluate, predict_dataset
+from .evaluation import coco_stats, evaluate, predict_dataset
 from .optim import Optimization, lr_factor, make_optimization, total_steps
 from .run_folder import RunFolder, restore_rows
 from .run_log import RunLog
@@ -143,25 +143,29 @@ class WarmupPlanner:
         self.device, self.bf16, self.start, self.world, self.rank = device, bf16, start, world, rank
         self.timer = budget.StepTimer()
         self.planned = False
+        self.deadline: budget.Deadline
 
     def eval_seconds(self) -> float:
-        """An evaluation's time, from predictions on two batches' worth of images."""
+        """An evaluation's time, from two batches' worth of images: predictions and their
+        COCO evaluation (a quarter of the whole on the built-in data)."""
         if self.val_set is None:
             return 0.0
         n = min(len(self.val_set), 2 * self.cfg.batch_size * self.world)
         t = budget.clock()
-        predict_dataset(self.net, Subset(self.val_set, range(n)), self.device,
-                        self.cfg.batch_size, self.cfg.num_workers, show_progress=False,
-                        bf16=self.bf16)
+        results = predict_dataset(self.net, Subset(self.val_set, range(n)), self.device,
+                                  self.cfg.batch_size, self.cfg.num_workers,
+                                  show_progress=False, bf16=self.bf16)
+        coco_stats(self.val_set, results, image_ids=sorted({r["image_id"] for r in results}))
         self.net.train()
         return (budget.clock() - t) * len(self.val_set) / max(n, 1)
 
     def __call__(self, done: int) -> int | None:
-        if self.planned:
-            return None
+        if self.planned:     # then the first part keeps to the deadline
+            return self.deadline(done)
         self.timer.tick()
         tc = self.cfg.time
-        if done < tc.warmup:
+        warm = budget.clock() - self.timer.ticks[0]     # the warm-up's own time
+        if done < tc.warmup and warm < tc.warmup_share * tc.minutes * 60:
             return None
         self.planned = True
         step_s, eval_s = self.timer.step_seconds(), self.eval_seconds()
@@ -172,7 +176,9 @@ class WarmupPlanner:
             dist.broadcast_object_list(box, src=0)
             total, evals, step_s, eval_s = box
         self.cfg = dataclasses.replace(self.cfg, time=dataclasses.replace(
-            tc, total_steps=total, evals=evals, step_seconds=step_s, eval_seconds=eval_s))
+            tc, warmup=done, total_steps=total, evals=evals, planned_steps=total,
+            step_seconds=step_s, eval_seconds=eval_s))
+        self.deadline = deadline(self.cfg, self.start, self.world, self.device)
         sched = self.opt.scheduler
         sched.lr_lambdas = [lr_factor(self.cfg, total)] * len(sched.lr_lambdas)
         if self.rank == 0:
@@ -181,6 +187,14 @@ class WarmupPlanner:
                           f"steps in {evals} part{'s' * (evals > 1)}, each ending with an "
                           "evaluation")
         return budget.part_bounds(self.cfg.time)[1]
+
+
+def deadline(cfg: TrainConfig, start: float, world: int, device) -> budget.Deadline:
+    """When a planned run's part must end to leave its evaluation and the report inside the
+    budget (from ``start``): past it, the part ends and is the last."""
+    tc = cfg.time
+    end = start + tc.minutes * 60 - tc.eval_seconds - budget.report_seconds(tc.eval_seconds)
+    return budget.Deadline(end, world, device)
 
 
 def record_plan(out: Path, cfg: TrainConfig) -> None:
@@ -266,9 +280,11 @@ def part_title(cfg: TrainConfig, epoch: int) -> str:
 
 def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDataset | None,
           cfg: TrainConfig, out: Path, device: torch.device, data_spec: dict,
-          resume: dict | None = None) -> dict:
-    """Train ``model``; returns the last epoch's metrics. ``resume`` is a checkpoint dict."""
-    start = budget.clock()
+          resume: dict | None = None, started: float | None = None) -> dict:
+    """Train ``model``; returns the last epoch's metrics. ``resume`` is a checkpoint dict;
+    ``started``: the ``budget.clock()`` the run's set-up began at (a timed run's budget
+    counts from there)."""
+    start = budget.clock() if started is None else started
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     out = Path(out)
@@ -297,21 +313,26 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
         while state.epoch < num_parts(cfg):
             epoch = state.epoch
             seed_everything(cfg.seed + 1000 * epoch + rank)
-            planner = None
+            planner = on_step = None
             if cfg.time.minutes:
                 loader, steps = part_loader(train_set, cfg, epoch, world, rank, device)
                 if not cfg.time.total_steps:
-                    planner = WarmupPlanner(cfg, opt, net, val_set, device, bf16, start, world,
-                                            rank)
+                    on_step = planner = WarmupPlanner(cfg, opt, net, val_set, device, bf16,
+                                                      start, world, rank)
+                elif resume is None:
+                    on_step = deadline(cfg, start, world, device)
             else:
                 loader = epoch_loader(train_set, sampler, cfg, epoch, device)
                 steps = len(loader) // cfg.accumulate
             metrics = train_one_epoch(net, model, opt, loader, steps, cfg, device, bf16, epoch,
-                                      part_title(cfg, epoch), rank == 0, log, planner, ema)
+                                      part_title(cfg, epoch), rank == 0, log, on_step, ema)
             if planner is not None:
-                cfg = planner.cfg
-                if rank == 0:
-                    record_plan(out, cfg)
+                cfg, on_step = planner.cfg, planner.deadline
+            if isinstance(on_step, budget.Deadline) and on_step.cut:
+                cfg = dataclasses.replace(cfg, time=budget.cut_short(
+                    cfg.time, opt.scheduler.last_epoch, epoch))
+            if rank == 0 and (planner is not None or getattr(on_step, "cut", False)):
+                record_plan(out, cfg)
             images += metrics["steps"] * cfg.batch_size * cfg.accumulate * world
             metrics.update(world_size=world, bf16=bf16, step=opt.scheduler.last_epoch,
                            images=images)
@@ -320,9 +341,13 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
             results = None
             if evaluate_now:
                 judged = net if ema is None else ema.module     # what best.pt will hold
+                t = budget.clock()
                 stats, results = evaluate(judged, val_set, device, batch_size=cfg.batch_size,
                                           num_workers=cfg.num_workers, bf16=bf16)
                 metrics.update(stats)
+                if cfg.time.minutes and resume is None:   # later deadlines use the real time
+                    cfg = dataclasses.replace(cfg, time=dataclasses.replace(
+                        cfg.time, eval_seconds=budget.clock() - t))
             metrics["time"] = seconds + budget.clock() - start
             state.epoch = epoch + 1
             if rank == 0:
@@ -340,23 +365,28 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
         if log is not None:
             log.close()
     if rank == 0:
-        finish(cfg, val_set, out, log.rows, state, seconds + budget.clock() - start)
+        finish(cfg, val_set, out, log.rows, state, seconds, start)
     return metrics
 
 
 def finish(cfg: TrainConfig, val_set, out: Path, rows: list[dict], state: RunState,
-           seconds: float) -> None:
-    """Rank 0 at the end: how a timed run kept its budget; the best checkpoint's per-class
-    results, confusion matrix and PR curves in the run folder."""
-    if cfg.time.minutes:
-        console.print(f"time budget {cfg.time.minutes:g} min: {cfg.time.total_steps} steps, "
-                      f"{seconds / 60:.1f} min in all")
+           seconds: float, start: float) -> None:
+    """Rank 0 at the end: the best checkpoint's per-class results, confusion matrix and PR
+    curves in the run folder; then how a timed run kept its budget (``seconds`` used before
+    this process, which began at ``start``)."""
     folder = RunFolder(out)
-    if val_set is None or not folder.best_results.is_file():
-        return
-    from .eval_report import show_report, write_report
+    if val_set is not None and folder.best_results.is_file():
+        from .eval_report import show_report, write_report
 
-    best = next((r for r in rows if r.get("AP") == state.best_ap), None)
-    results = json.loads(folder.best_results.read_text())
-    report = write_report(val_set, results, out, losses=[r["loss"] for r in rows])
-    show_report(report, "best.pt" + (f" ({part_title(cfg, best['epoch'] - 1)})" if best else ""))
+        best = next((r for r in rows if r.get("AP") == state.best_ap), None)
+        results = json.loads(folder.best_results.read_text())
+        report = write_report(val_set, results, out, losses=[r["loss"] for r in rows])
+        show_report(report, "best.pt" + (f" ({part_title(cfg, best['epoch'] - 1)})"
+                                         if best else ""))
+    if cfg.time.minutes:
+        tc, used = cfg.time, seconds + budget.clock() - start
+        console.print(f"time budget {tc.minutes:g} min: {tc.total_steps} steps, "
+                      f"{used / 60:.2f} min in all" + (
+                          f" (cut short from {tc.planned_steps} planned steps: steps were "
+                          "slower than the warm-up's)"
+                          if tc.total_steps < tc.planned_steps else ""))
