@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The convergence race (docs/benchmarks.md): every method on the built-in data
-# with its default preset at one wall-clock budget, plus Deformable DETR's two-stage variant
-# with box refinement; then the figures and table of docs/assets/.
+# The convergence race (docs/benchmarks.md): every method on the built-in data at one
+# wall-clock budget, twice: with its default preset (the training-only switches the preset
+# turns on: denoising queries, query groups, EMA) and with every switch off; then DINO with
+# each of its three parts off in turn (the paper's ablation); then the figures and tables
+# of docs/assets/.
 #
 # Run it on an otherwise idle machine (a wall-clock race is meaningless on shared cores),
 # one run at a time, from the repository root with qdet installed:
-#   scripts/race.sh [MINUTES] [ROOT]        # defaults: 10 minutes, runs/race
+#   scripts/race.sh [MINUTES] [ROOT] [PHASE]   # defaults: 10 minutes, runs/race, all
+# PHASE: off (every switch off), on (the presets), dino (the ablation), plots, or all.
 # A run that finished (its per_class.csv is written last) is kept; one cut short starts
 # again from scratch, since a resumed run's wall time would not be one sitting.
 set -euo pipefail
 MINUTES=${1:-10}
 ROOT=${2:-runs/race}
+PHASE=${3:-all}
 mkdir -p "$ROOT" docs/assets
 
 {   # the machine, for docs/benchmarks.md
@@ -19,7 +23,7 @@ mkdir -p "$ROOT" docs/assets
     grep -qw avx512_bf16 /proc/cpuinfo && echo "AVX-512 BF16: yes" || echo "AVX-512 BF16: no"
     python -c "import torch; print('torch', torch.__version__, 'threads',
                torch.get_num_threads(), 'cuda', torch.cuda.is_available())"
-} > docs/assets/race_machine.txt
+} > "$ROOT/machine.txt"
 
 race() {  # NAME QDET-TRAIN-OPTIONS...
     local name=$1; shift
@@ -31,19 +35,49 @@ race() {  # NAME QDET-TRAIN-OPTIONS...
     qdet train "$@" --time "$MINUTES" --out "$ROOT/$name"
 }
 
-NAMES=(detr deformable conditional anchor sparse-rcnn efficient dynamic deformable-two-stage)
-race detr --arch detr
-race deformable --arch deformable
-race conditional --arch conditional
-race anchor --arch anchor
-race sparse-rcnn --arch sparse-rcnn
-race efficient --arch efficient
-race dynamic --arch dynamic
-race deformable-two-stage --arch deformable --set with_box_refine=true --set two_stage=true
+# name and options of each method's run (the preset's switches apply unless turned off)
+METHODS=(detr conditional anchor deformable deformable-two-stage efficient sparse-rcnn
+         dynamic dino)
+declare -A OPTS=(
+    [detr]="--arch detr" [conditional]="--arch conditional" [anchor]="--arch anchor"
+    [deformable]="--arch deformable"
+    [deformable-two-stage]="--arch deformable --set with_box_refine=true --set two_stage=true"
+    [efficient]="--arch efficient" [sparse-rcnn]="--arch sparse-rcnn"
+    [dynamic]="--arch dynamic" [dino]="--arch dino")
+OFF="--dn 0 --query-groups 1 --no-ema"
 
-RUNS=("${NAMES[@]/#/$ROOT/}")
-qdet plot "${RUNS[@]}" --x time --metric AP --out docs/assets/race_time.png
-qdet plot "${RUNS[@]}" --x images --metric AP --out docs/assets/race_images.png
-qdet plot "${RUNS[@]}" --x time --metric AP50 --out docs/assets/race_time_ap50.png --markdown \
-    > docs/assets/race_table.md
-cat docs/assets/race_table.md docs/assets/race_machine.txt
+if [[ $PHASE == off || $PHASE == all ]]; then
+    for m in "${METHODS[@]}"; do
+        [[ $m == dino ]] && continue     # DINO's denoising is DINO: see the ablation
+        # shellcheck disable=SC2086
+        race "$m-off" ${OPTS[$m]} $OFF
+    done
+fi
+if [[ $PHASE == on || $PHASE == all ]]; then
+    for m in "${METHODS[@]}"; do
+        # shellcheck disable=SC2086
+        race "$m" ${OPTS[$m]}
+    done
+fi
+if [[ $PHASE == dino || $PHASE == all ]]; then
+    race dino-no-contrastive --arch dino --set dn.contrastive=false
+    race dino-no-mixed-selection --arch dino --set mixed_selection=false
+    race dino-no-look-forward-twice --arch dino --set look_forward_twice=false
+fi
+
+plot() {  # OUT-PREFIX RUN-NAME...
+    local prefix=$1; shift
+    local runs=()
+    for name in "$@"; do [ -f "$ROOT/$name/metrics.jsonl" ] && runs+=("$ROOT/$name"); done
+    [ ${#runs[@]} -gt 0 ] || return 0
+    qdet plot "${runs[@]}" --x time --metric AP --out "docs/assets/${prefix}_time.png"
+    qdet plot "${runs[@]}" --x time --metric AP50 --out "docs/assets/${prefix}_time_ap50.png" \
+        --markdown > "docs/assets/${prefix}_table.md"
+}
+OFFS=()
+for m in "${METHODS[@]}"; do [[ $m != dino ]] && OFFS+=("$m-off"); done
+plot race "${METHODS[@]}"
+plot race_off "${OFFS[@]}"
+plot dino_ablation dino dino-no-contrastive dino-no-mixed-selection dino-no-look-forward-twice
+cp "$ROOT/machine.txt" docs/assets/race_machine.txt
+cat docs/assets/race_table.md docs/assets/race_off_table.md docs/assets/race_machine.txt

@@ -64,12 +64,17 @@ def test_results_csv_has_every_term_of_every_layer(two_runs):
     assert {"loss_ce_0", "loss_bbox_0", "loss_giou_0", "AP", "AP50", "AP75", "APs", "APm",
             "APl", "AR100"} <= set(head)
     assert [r["step"] for r in rows] == ["2", "4"] and [r["images"] for r in rows] == ["8", "16"]
-    # the logged total is the weighted sum of the logged terms of both layers
+    # the logged total is the weighted sum of the logged terms of both layers, the
+    # denoising queries' (the preset's --dn) included; loss_dn is their subtotal
     w = LossConfig()
     weight = {"ce": w.class_weight, "bbox": w.bbox_weight, "giou": w.giou_weight}
+    terms = [k for k in head if k.startswith("loss_") and k != "loss_dn"]
+    assert {"loss_ce_dn", "loss_bbox_dn_0"} <= set(terms)
     for r in rows:
-        total = sum(weight[t] * float(r[f"loss_{t}{sfx}"]) for t in weight for sfx in ("", "_0"))
+        total = sum(weight[k.split("_")[1]] * float(r[k]) for k in terms)
         assert float(r["loss"]) == pytest.approx(total, rel=1e-4)
+        dn = sum(weight[k.split("_")[1]] * float(r[k]) for k in terms if "_dn" in k)
+        assert float(r["loss_dn"]) == pytest.approx(dn, rel=1e-4)
     jsonl = read_metrics(root / "a")
     assert float(rows[1]["AP50"]) == pytest.approx(jsonl[1]["AP50"], rel=1e-5)
     assert float(rows[1]["time"]) > float(rows[0]["time"]) > 0
@@ -165,7 +170,7 @@ def test_plot_overlays_runs(two_runs, tmp_path):
                                      "--metric", metric, "--out", str(out)])
         assert r.exit_code == 0, r.output
         assert_png(out)
-    assert "detr lr=0.0005" in r.output and "detr lr=0.0002" in r.output
+    assert "DETR lr=0.0005" in r.output and "DETR lr=0.0002" in r.output
     r = CliRunner().invoke(app, ["plot", str(root / "a"), "--markdown", "--out",
                                  str(tmp_path / "m.png")])
     assert r.output.splitlines()[0].startswith("| run | steps | images | minutes | AP |")
@@ -182,9 +187,30 @@ def test_labels_name_only_what_differs_within_an_architecture(tmp_path):
     recs = [record("a", "detr"), record("b", "conditional", lr=3e-4),
             record("c", "deformable"), record("d", "deformable", lr=2e-4,
                                                  time={"total_steps": 5})]
-    assert run_labels(recs) == ["detr", "conditional", "deformable lr=0.0001",
-                                "deformable lr=0.0002"]
-    assert run_labels([recs[0], record("e", "detr")]) == ["detr [a]", "detr [e]"]
+    assert run_labels(recs) == ["DETR", "Conditional DETR", "Deformable DETR lr=0.0001",
+                                "Deformable DETR lr=0.0002"]
+    assert run_labels([recs[0], record("e", "detr")]) == ["DETR [a]", "DETR [e]"]
+
+
+def test_labels_say_the_variant_and_the_switches_in_words(tmp_path):
+    def record(name, arch, model, **train):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n')
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {"arch": arch, "model": model, "train": train}))
+        return load_run(tmp_path / name)
+
+    recs = [record("a", "deformable", {"with_box_refine": True, "two_stage": True}),
+            record("b", "deformable", {"with_box_refine": True, "two_stage": False}),
+            record("c", "detr", {"dn": {"groups": 5, "queries": 0}, "query_groups": 3},
+                   ema={"enabled": True}),
+            record("d", "detr", {"dn": {"groups": 0, "queries": 0}, "query_groups": 1},
+                   ema={"enabled": False}),
+            record("e", "dino", {"dn": {"groups": 0, "queries": 20, "contrastive": True}})]
+    assert run_labels(recs) == [
+        "Deformable DETR (two-stage)", "Deformable DETR (box refinement)",
+        "DETR + DN 5 groups, query groups 3, EMA", "DETR",
+        "DINO + contrastive DN 20 queries"]
 
 
 def test_plot_errors_are_one_line(two_runs, tmp_path):

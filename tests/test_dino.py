@@ -125,16 +125,39 @@ def test_detrex_checkpoint_loads_with_the_same_outputs(tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
 
 
-def test_look_forward_twice_and_a_detached_decoder_input():
+@pytest.mark.parametrize("twice", [True, False])
+def test_look_forward_twice_and_a_detached_decoder_input(twice):
     """Layer 2's boxes train the refinement of layer 1 (its box is reported from layer 1's
-    box, not detached); layer 2's classes do not (the box it samples at is detached)."""
-    model = build_model("dino", {**OFFICIAL, "share_heads": False}).train()
+    box, not detached), unless look forward twice is off; layer 2's classes never do (the
+    box it samples at is detached)."""
+    model = build_model("dino", {**OFFICIAL, "share_heads": False,
+                                 "look_forward_twice": twice}).train()
     x = torch.randn(1, 3, 96, 128)
-    for key, reaches in (("pred_boxes", True), ("pred_logits", False)):
+    for key, reaches in (("pred_boxes", twice), ("pred_logits", False)):
         model.zero_grad()
         model(x)[key].sum().backward()
         grad = model.bbox_embed[0].layers[-1].weight.grad
         assert (grad is not None and grad.abs().sum() > 0) == reaches, key
+
+
+def test_pure_query_selection_takes_the_selected_features_as_content():
+    """With mixed selection off there is no learned content; the decoder's first layer
+    receives the selected encoder features themselves (detached), as the official code
+    does with embed_init_tgt=False."""
+    model = build_model("dino", {**OFFICIAL, "mixed_selection": False}).eval()
+    assert model.transformer.tgt_embed is None
+    seen = {}
+    layer = model.transformer.decoder.layers[0]
+    def hook(module, args, kwargs):
+        seen["tgt"] = args[0] if args else kwargs["tgt"]
+
+    layer.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 96, 128))
+    chosen = out["enc_outputs"]
+    # the selected features are what the encoder heads scored: the same class logits
+    torch.testing.assert_close(model.transformer.enc_out_class_embed(seen["tgt"]),
+                               chosen["pred_logits"])
 
 
 def test_fine_tuning_copies_the_label_embedding_by_name():

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 import qdet
 import qdet.engine.budget
 import qdet.engine.step
+import qdet.engine.timed
 import qdet.engine.trainer
 from qdet.cli.app import app
 from qdet.engine.budget import PassIndexed, StreamSampler, TimeConfig, part_bounds, plan
@@ -91,7 +92,7 @@ def fake_clock(monkeypatch):
     evaluation (PROBE_S each) runs."""
     clock = {"now": 0.0, "step": STEP_S, "steps": 0, "slower": (10**9, 0.0)}
     monkeypatch.setattr(qdet.engine.budget, "clock", lambda: clock["now"])
-    real_step, real_predict = qdet.engine.step.train_step, qdet.engine.trainer.predict_dataset
+    real_step, real_predict = qdet.engine.step.train_step, qdet.engine.timed.predict_dataset
 
     def step(*args, **kwargs):
         clock["steps"] += 1
@@ -110,7 +111,7 @@ def fake_clock(monkeypatch):
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(qdet.engine.step, "train_step", step)
-    monkeypatch.setattr(qdet.engine.trainer, "predict_dataset", predict)
+    monkeypatch.setattr(qdet.engine.timed, "predict_dataset", predict)
     monkeypatch.setattr(qdet.engine.trainer, "evaluate", evaluate)
     return clock
 

@@ -78,14 +78,22 @@ def class_key(name) -> str:
 class Detector(nn.Module):
     """Base class: holds the config and the label metadata that a checkpoint carries.
 
-    Subclasses set ``arch`` (the registry name), ``focal`` (True: sigmoid focal head with
-    ``C`` outputs; False: softmax head with ``C+1``, the last "no object") and
-    ``compiled_parts`` (the submodules ``compile_transformer`` compiles).
+    Subclasses set ``arch`` (the registry name), ``title`` (the method as a reader names it),
+    ``focal`` (True: sigmoid focal head with ``C`` outputs; False: softmax head with ``C+1``,
+    the last "no object") and ``compiled_parts`` (the submodules ``compile_transformer``
+    compiles).
     """
 
     arch: str = ""
+    title: str = ""
     focal: bool = True
     compiled_parts: tuple[str, ...] = ("transformer",)
+
+    @classmethod
+    def title_for(cls, config: dict) -> str:
+        """The method's name for a run of ``config`` (a config as a dict), its variant
+        included where the method has variants."""
+        return cls.title or cls.arch
 
     def __init__(self, config):
         super().__init__()

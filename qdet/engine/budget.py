@@ -93,14 +93,19 @@ class Deadline:
         self.end, self.world, self.device = end, world, device
         self.cut = False
 
-    def __call__(self, done: int) -> int | None:
-        late = clock() >= self.end
+    def passes_in(self, seconds: float) -> bool:
+        """Whether the deadline is less than ``seconds`` away (rank 0's answer)."""
+        late = clock() + seconds >= self.end
         if self.world > 1:
             import torch.distributed as dist
 
             flag = torch.tensor([float(late)], device=self.device)
             dist.broadcast(flag, src=0)
             late = bool(flag.item())
+        return late
+
+    def __call__(self, done: int) -> int | None:
+        late = self.passes_in(0.0)
         self.cut = self.cut or late
         return done if late else None
 

@@ -36,7 +36,8 @@ def load_run(path: str | os.PathLike) -> RunRecord:
 
 
 # options that differ between runs without being a choice (the plan a timed run made)
-_NOT_CHOICES = ("time.total_steps", "time.evals", "time.step_seconds", "time.eval_seconds")
+_NOT_CHOICES = ("time.total_steps", "time.evals", "time.step_seconds", "time.eval_seconds",
+                "time.planned_steps", "time.warmup")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -49,21 +50,56 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# the training-only switches, said in words by ``switches_text`` rather than as options
+_SWITCH_KEYS = ("dn.", "query_groups", "ema.", "accumulate", "loss.mal")
+
+
+def switches_text(model: dict, train: dict) -> str:
+    """The training-only switches a run's config (``config.json``'s ``model`` and ``train``)
+    turns on, as a reader says them: ``"DN 5 groups, query groups 3, EMA"``; "" for none."""
+    dn, parts = model.get("dn") or {}, []
+    if dn.get("groups"):
+        parts.append(f"{'contrastive ' * bool(dn.get('contrastive'))}DN {dn['groups']} groups")
+    elif dn.get("queries"):
+        parts.append(f"{'contrastive ' * bool(dn.get('contrastive'))}DN {dn['queries']} "
+                     "queries")
+    if model.get("query_groups", 1) > 1:
+        parts.append(f"query groups {model['query_groups']}")
+    if (model.get("loss") or {}).get("mal"):
+        parts.append("MAL")
+    if (train.get("ema") or {}).get("enabled"):
+        parts.append("EMA")
+    if train.get("accumulate", 1) > 1:
+        parts.append(f"accumulate {train['accumulate']}")
+    return ", ".join(parts)
+
+
+def run_title(config: dict) -> str:
+    """The method of a run as a reader names it (``Deformable DETR (two-stage)``), with its
+    switches (``+ DN 5 groups, EMA``)."""
+    from ..models.registry import ARCHS, method
+
+    arch, model = config.get("arch", "?"), config.get("model", {})
+    title = method(arch).model.title_for(model) if arch in ARCHS else arch
+    switches = switches_text(model, config.get("train", {}))
+    return f"{title} + {switches}" if switches else title
+
+
 def run_labels(records: list[RunRecord]) -> list[str]:
-    """A legend label per run: its architecture, plus the options in which it differs from
-    the other runs of the same architecture (``conditional lr=0.0003``); the folder name
-    where even those agree."""
+    """A legend label per run: its method as a reader names it with its switches, plus the
+    other options in which it differs from the runs of the same name (``Conditional DETR
+    lr=0.0003``); the folder name where even those agree."""
     flat = [{**_flat(r.config.get("model", {})), **_flat(r.config.get("train", {}))}
             for r in records]
-    archs = [r.config.get("arch", r.path.name) for r in records]
+    titles = [run_title(r.config) for r in records]
     labels = []
-    for i, rec in enumerate(records):
-        same = [j for j, a in enumerate(archs) if a == archs[i]]
+    for i, rec in enumerate(records):   # options that differ among runs of the same title
+        same = [j for j, t in enumerate(titles) if t == titles[i]]
         keys = sorted(k for k in set().union(*(flat[j] for j in same))
-                      if k not in _NOT_CHOICES and len({repr(flat[j].get(k)) for j in same}) > 1)
+                      if k not in _NOT_CHOICES and not k.startswith(_SWITCH_KEYS)
+                      and len({repr(flat[j].get(k)) for j in same}) > 1)
         opts = " ".join(f"{k}={_short(flat[i].get(k))}" for k in keys[:4])
-        label = f"{archs[i]} {opts}".strip()
-        labels.append(label)
+        labels.append(f"{titles[i]} {opts}".strip())
     return [f"{label} [{rec.path.name}]" if labels.count(label) > 1 else label
             for label, rec in zip(labels, records)]
 

@@ -44,12 +44,13 @@ class ModelEMA:
         self.updates += 1
         d = self.factor()
         mine, theirs = self.module.state_dict(), model.state_dict()
+        floats = [k for k, v in mine.items() if v.dtype.is_floating_point]
+        # one fused lerp over all tensors: ema + (1 - d) * (model - ema)
+        torch._foreach_lerp_([mine[k] for k in floats],
+                             [theirs[k].detach().to(mine[k].dtype) for k in floats], 1 - d)
         for key, value in mine.items():
-            new = theirs[key].detach()
-            if value.dtype.is_floating_point:
-                value.mul_(d).add_(new.to(value.dtype), alpha=1 - d)
-            else:
-                value.copy_(new)
+            if not value.dtype.is_floating_point:
+                value.copy_(theirs[key])
 
     def state(self) -> dict:
         return {"updates": self.updates}

@@ -8,7 +8,7 @@ carry arch, config, class names, epoch, optimizer and scheduler. Randomness (dat
 augmentation, dropout) is seeded from (seed, epoch, rank), so ``--resume`` continues exactly
 where an uninterrupted run would be. With a wall-clock budget (``TrainConfig.time``,
 ``qdet train --time``) the run is planned after a timed warm-up and split into equal parts
-instead of epochs (``qdet.engine.budget``). Rank 0 keeps the run folder readable as it goes
+instead of epochs (``qdet.engine.budget``, ``qdet.engine.timed``). Rank 0 keeps the run folder readable as it goes
 (``results.csv``, ``curves.png``, optional TensorBoard: ``qdet.engine.run_log``) and ends with the
 best checkpoint's per-class results (``qdet.engine.eval_report``).
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..blocks.base import Detector
 from ..common.files import remove_stale_temporaries, write_atomic
@@ -32,14 +32,14 @@ from ..data.errors import DataError
 from ..ops.modes import bf16_native
 from ..weights.checkpoint import model_checkpoint, save_checkpoint
 from . import budget
-from .budget import PassIndexed, StreamSampler
 from .config import TrainConfig
 from .ema import ModelEMA
-from .evaluation import coco_stats, evaluate, predict_dataset
-from .optim import Optimization, lr_factor, make_optimization, total_steps
+from .evaluation import evaluate
+from .optim import Optimization, make_optimization, total_steps
 from .run_folder import RunFolder, restore_rows
 from .run_log import RunLog
 from .step import train_one_epoch
+from .timed import Timekeeper
 
 # ---------------------------------------------------------------------- distribution
 
@@ -111,90 +111,6 @@ def epoch_loader(train_set: DetectionDataset, sampler, cfg: TrainConfig, epoch: 
                       sampler=sampler, generator=gen, drop_last=True,
                       num_workers=cfg.num_workers, collate_fn=collate,
                       persistent_workers=False, pin_memory=device.type == "cuda")
-
-
-def part_loader(train_set: DetectionDataset, cfg: TrainConfig, part: int, world: int,
-                rank: int, device: torch.device) -> tuple[DataLoader, int]:
-    """A timed run's part ``part``: its stretch of the data stream and its number of steps
-    (before the plan, the first part is open-ended and its length the warm-up's)."""
-    if cfg.time.total_steps:
-        bounds = budget.part_bounds(cfg.time)
-        start, stop = bounds[part], bounds[part + 1]
-    else:
-        start, stop = 0, None
-    per_step = cfg.batch_size * cfg.accumulate * world
-    sampler = StreamSampler(len(train_set), cfg.seed, start * per_step,
-                            None if stop is None else stop * per_step, rank, world)
-    loader = DataLoader(PassIndexed(train_set), batch_size=cfg.batch_size, sampler=sampler,
-                        num_workers=cfg.num_workers, collate_fn=collate,
-                        persistent_workers=False, pin_memory=device.type == "cuda")
-    return loader, (cfg.time.warmup if stop is None else stop - start)
-
-
-class WarmupPlanner:
-    """The ``on_step`` of a timed run's first part: after ``cfg.time.warmup`` steps it times
-    them and a small evaluation, fixes the run's steps and parts (``budget.plan``), lays the
-    lr schedule over them and returns the first part's length. ``cfg`` is then the planned
-    config."""
-
-    def __init__(self, cfg: TrainConfig, opt: Optimization, net, val_set, device,
-                 bf16: bool, start: float, world: int, rank: int):
-        self.cfg, self.opt, self.net, self.val_set = cfg, opt, net, val_set
-        self.device, self.bf16, self.start, self.world, self.rank = device, bf16, start, world, rank
-        self.timer = budget.StepTimer()
-        self.planned = False
-        self.deadline: budget.Deadline
-
-    def eval_seconds(self) -> float:
-        """An evaluation's time, from two batches' worth of images: predictions and their
-        COCO evaluation (a quarter of the whole on the built-in data)."""
-        if self.val_set is None:
-            return 0.0
-        n = min(len(self.val_set), 2 * self.cfg.batch_size * self.world)
-        t = budget.clock()
-        results = predict_dataset(self.net, Subset(self.val_set, range(n)), self.device,
-                                  self.cfg.batch_size, self.cfg.num_workers,
-                                  show_progress=False, bf16=self.bf16)
-        coco_stats(self.val_set, results, image_ids=sorted({r["image_id"] for r in results}))
-        self.net.train()
-        return (budget.clock() - t) * len(self.val_set) / max(n, 1)
-
-    def __call__(self, done: int) -> int | None:
-        if self.planned:     # then the first part keeps to the deadline
-            return self.deadline(done)
-        self.timer.tick()
-        tc = self.cfg.time
-        warm = budget.clock() - self.timer.ticks[0]     # the warm-up's own time
-        if done < tc.warmup and warm < tc.warmup_share * tc.minutes * 60:
-            return None
-        self.planned = True
-        step_s, eval_s = self.timer.step_seconds(), self.eval_seconds()
-        total, evals = budget.plan(tc.minutes * 60, budget.clock() - self.start, step_s, eval_s,
-                                   done, tc.max_evals)
-        if self.world > 1:  # every rank follows rank 0's plan
-            box = [total, evals, step_s, eval_s]
-            dist.broadcast_object_list(box, src=0)
-            total, evals, step_s, eval_s = box
-        self.cfg = dataclasses.replace(self.cfg, time=dataclasses.replace(
-            tc, warmup=done, total_steps=total, evals=evals, planned_steps=total,
-            step_seconds=step_s, eval_seconds=eval_s))
-        self.deadline = deadline(self.cfg, self.start, self.world, self.device)
-        sched = self.opt.scheduler
-        sched.lr_lambdas = [lr_factor(self.cfg, total)] * len(sched.lr_lambdas)
-        if self.rank == 0:
-            console.print(f"time budget {tc.minutes:g} min: {done} warm-up steps at "
-                          f"{step_s:.3f} s, an evaluation about {eval_s:.1f} s -> {total} "
-                          f"steps in {evals} part{'s' * (evals > 1)}, each ending with an "
-                          "evaluation")
-        return budget.part_bounds(self.cfg.time)[1]
-
-
-def deadline(cfg: TrainConfig, start: float, world: int, device) -> budget.Deadline:
-    """When a planned run's part must end to leave its evaluation and the report inside the
-    budget (from ``start``): past it, the part ends and is the last."""
-    tc = cfg.time
-    end = start + tc.minutes * 60 - tc.eval_seconds - budget.report_seconds(tc.eval_seconds)
-    return budget.Deadline(end, world, device)
 
 
 def record_plan(out: Path, cfg: TrainConfig) -> None:
@@ -308,46 +224,41 @@ def train(model: Detector, train_set: DetectionDataset, val_set: DetectionDatase
         rows = restore_rows(out, state.epoch, before or None)
         log = RunLog(out, rows, f"{out.name} ({model.arch})", cfg.tensorboard)
     images, seconds = before.get("images", 0), before.get("time", 0.0)
+    keeper = Timekeeper(opt, net, val_set, device, bf16, start, world, rank,
+                        resumed=resume is not None) if cfg.time.minutes else None
     metrics = {}
     try:
         while state.epoch < num_parts(cfg):
             epoch = state.epoch
             seed_everything(cfg.seed + 1000 * epoch + rank)
-            planner = on_step = None
-            if cfg.time.minutes:
-                loader, steps = part_loader(train_set, cfg, epoch, world, rank, device)
-                if not cfg.time.total_steps:
-                    on_step = planner = WarmupPlanner(cfg, opt, net, val_set, device, bf16,
-                                                      start, world, rank)
-                elif resume is None:
-                    on_step = deadline(cfg, start, world, device)
+            on_step = None
+            if keeper is not None:
+                loader, steps, on_step = keeper.begin(cfg, epoch, train_set)
             else:
                 loader = epoch_loader(train_set, sampler, cfg, epoch, device)
                 steps = len(loader) // cfg.accumulate
             metrics = train_one_epoch(net, model, opt, loader, steps, cfg, device, bf16, epoch,
                                       part_title(cfg, epoch), rank == 0, log, on_step, ema)
-            if planner is not None:
-                cfg, on_step = planner.cfg, planner.deadline
-            if isinstance(on_step, budget.Deadline) and on_step.cut:
-                cfg = dataclasses.replace(cfg, time=budget.cut_short(
-                    cfg.time, opt.scheduler.last_epoch, epoch))
-            if rank == 0 and (planner is not None or getattr(on_step, "cut", False)):
-                record_plan(out, cfg)
+            if keeper is not None:
+                cfg = keeper.after_steps(cfg, epoch)
             images += metrics["steps"] * cfg.batch_size * cfg.accumulate * world
             metrics.update(world_size=world, bf16=bf16, step=opt.scheduler.last_epoch,
                            images=images)
             last = epoch + 1 == num_parts(cfg)
             evaluate_now = val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or last)
-            results = None
+            results = eval_s = None
             if evaluate_now:
                 judged = net if ema is None else ema.module     # what best.pt will hold
                 t = budget.clock()
                 stats, results = evaluate(judged, val_set, device, batch_size=cfg.batch_size,
                                           num_workers=cfg.num_workers, bf16=bf16)
                 metrics.update(stats)
-                if cfg.time.minutes and resume is None:   # later deadlines use the real time
-                    cfg = dataclasses.replace(cfg, time=dataclasses.replace(
-                        cfg.time, eval_seconds=budget.clock() - t))
+                eval_s = budget.clock() - t
+            if keeper is not None:
+                changed = keeper.changed
+                cfg = keeper.after_eval(cfg, epoch, eval_s)
+                if rank == 0 and (changed or keeper.changed):
+                    record_plan(out, cfg)
             metrics["time"] = seconds + budget.clock() - start
             state.epoch = epoch + 1
             if rank == 0:

@@ -288,6 +288,7 @@ class Transformer(nn.Module):
 
 class AnchorDETR(Detector):
     arch = "anchor"
+    title = "Anchor DETR"
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

@@ -190,6 +190,7 @@ class Transformer(nn.Module):
 
 class ConditionalDETR(Detector):
     arch = "conditional"
+    title = "Conditional DETR"
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

@@ -165,6 +165,13 @@ class Transformer(nn.Module):
 
 class DeformableDETR(Detector):
     arch = "deformable"
+    title = "Deformable DETR"
+
+    @classmethod
+    def title_for(cls, config: dict) -> str:
+        if config.get("two_stage"):
+            return f"{cls.title} (two-stage)"
+        return cls.title + (" (box refinement)" if config.get("with_box_refine") else "")
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

@@ -138,6 +138,7 @@ class Transformer(nn.Module):
 
 class DETR(Detector):
     arch = "detr"
+    title = "DETR"
     focal = False       # softmax over C classes + "no object"
 
     def __init__(self, cfg: Config):

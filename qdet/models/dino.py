@@ -12,6 +12,8 @@ things (paper Sec. 3):
 - Look forward twice (Sec. 3.5): each decoder layer's box is reported from the box of the
   layer before it without detaching it, so a layer's box loss also trains the refinement
   before it; the next layer's input is still detached.
+The second and third are switches for the paper's ablation (``mixed_selection``,
+``look_forward_twice``; the first is ``dn.contrastive``).
 Every decoder layer computes its queries' positional part from its current anchor box:
 the sine embedding of the box (x, y, w, h, 128 dimensions each) through an MLP
 (``ref_point_head``). The final decoder norm applies to the outputs the heads read; the box
@@ -88,6 +90,11 @@ class Config:
     loss: LossConfig = field(default_factory=_dino_loss)
     dn: DNConfig = field(default_factory=_dino_dn)
     query_groups: int = 1
+    # the paper's parts, switchable for its ablation (Table 5): False gives "pure query
+    # selection" (content queries too from the selected encoder features, detached, as the
+    # official code's embed_init_tgt=False) and a box loss that trains its own layer only
+    mixed_selection: bool = True
+    look_forward_twice: bool = True
 
 
 def inverse_sigmoid(x: Tensor) -> Tensor:
@@ -134,7 +141,8 @@ class Transformer(nn.Module):
                                          cfg.num_feature_levels, cfg.nheads, cfg.enc_n_points,
                                          cfg.enc_layers)
         self.decoder = Decoder(cfg)
-        self.tgt_embed = nn.Embedding(cfg.num_queries * cfg.query_groups, d)
+        self.tgt_embed = nn.Embedding(cfg.num_queries * cfg.query_groups, d) \
+            if cfg.mixed_selection else None
         self.enc_output, self.enc_output_norm = nn.Linear(d, d), nn.LayerNorm(d)
         for p in self.parameters():
             if p.dim() > 1:
@@ -143,7 +151,8 @@ class Transformer(nn.Module):
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
-        nn.init.normal_(self.tgt_embed.weight)
+        if self.tgt_embed is not None:
+            nn.init.normal_(self.tgt_embed.weight)
         # the encoder proposals' own heads (not the decoder's)
         self.enc_out_class_embed = nn.Linear(d, cfg.num_classes)
         self.enc_out_bbox_embed = MLP(d, d, 4, 3)
@@ -166,7 +175,10 @@ class Transformer(nn.Module):
         chosen = torch.gather(out_mem, 1, top[..., None].expand(-1, -1, out_mem.shape[-1]))
         enc = {"pred_logits": self.enc_out_class_embed(chosen), "pred_boxes": coords.sigmoid()}
         ref = coords.detach().sigmoid()          # mixed query selection: anchors from here,
-        tgt = self.tgt_embed.weight[None, :k].expand(b, -1, -1)    # content learned
+        if self.tgt_embed is not None:           # content learned
+            tgt = self.tgt_embed.weight[None, :k].expand(b, -1, -1)
+        else:                                    # pure: content selected too
+            tgt = chosen.detach()
         if prefix is not None:
             content, boxes = prefix
             tgt = torch.cat([content.to(tgt.dtype), tgt], 1)
@@ -177,6 +189,7 @@ class Transformer(nn.Module):
 
 class DINO(Detector):
     arch = "dino"
+    title = "DINO"
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -221,6 +234,8 @@ class DINO(Detector):
         hs, starts, enc = self.transformer(srcs, masks, pos, self.bbox_embed, plan.groups,
                                            prefix, plan.mask)
         logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hs)])
+        if not cfg.look_forward_twice:    # each layer's box loss trains that layer only
+            starts = starts.detach()
         boxes = torch.stack([(self.bbox_embed[i](h) + inverse_sigmoid(r)).sigmoid()
                              for i, (h, r) in enumerate(zip(hs, starts))])
         out = {**layer_outputs(logits, boxes, cfg.aux_loss), "enc_outputs": enc}

@@ -152,6 +152,7 @@ class DynamicEncoder(nn.Module):
 
 class DynamicDETR(Detector):
     arch = "dynamic"
+    title = "Dynamic DETR"
     compiled_parts = ("encoder", "head")
 
     def __init__(self, cfg: Config):

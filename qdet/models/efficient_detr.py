@@ -96,6 +96,7 @@ class Config:
 
 class EfficientDETR(Detector):
     arch = "efficient"
+    title = "Efficient DETR"
     compiled_parts = ("encoder", "decoder")
 
     def __init__(self, cfg: Config):

@@ -61,6 +61,7 @@ class Config:
 
 class SparseRCNN(Detector):
     arch = "sparse-rcnn"
+    title = "Sparse R-CNN"
     compiled_parts = ("head",)
 
     def __init__(self, cfg: Config):

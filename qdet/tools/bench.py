@@ -344,7 +344,7 @@ def bench_training(arch: str, device: str = "cpu", batch: int = 16,
 
         def step():
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=fast):
-                out = model(images)
+                out = model(images, targets)      # with DINO's denoising queries
             loss = crit.weighted(crit(out, targets))
             opt.zero_grad(set_to_none=True)
             loss.backward()
