@@ -170,7 +170,11 @@ def test_plot_overlays_runs(two_runs, tmp_path):
                                      "--metric", metric, "--out", str(out)])
         assert r.exit_code == 0, r.output
         assert_png(out)
-    assert "DETR lr=0.0005" in r.output and "DETR lr=0.0002" in r.output
+    # the label: the method with the preset's switches, then the option the runs differ in
+    # (not --tensorboard: a way of logging, not of training)
+    assert "DETR + DN 5 groups," in r.output
+    assert "lr=0.0005" in r.output and "lr=0.0002" in r.output
+    assert "tensorboard" not in r.output
     r = CliRunner().invoke(app, ["plot", str(root / "a"), "--markdown", "--out",
                                  str(tmp_path / "m.png")])
     assert r.output.splitlines()[0].startswith("| run | steps | images | minutes | AP |")

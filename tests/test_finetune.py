@@ -254,3 +254,38 @@ def test_shapes_of_other_categories(tmp_path):
     assert [(c["id"], c["name"]) for c in cats] == [(1, "ring"), (2, "ellipse")]
     result = CliRunner().invoke(app, ["data", "shapes", str(tmp_path), "--categories", "x"])
     assert result.exit_code == 1 and "choose from" in result.output
+
+
+@pytest.mark.parametrize("arch", ["conditional", "sparse-rcnn", "anchor"])
+def test_query_groups_transfer_group_by_group(arch):
+    """A model trained with three query groups fine-tunes with one: group 0, the one
+    inference runs, comes across, so the outputs are the source's; with three again from
+    one, group 0 is the source's and the two new groups start as the method initialises
+    them (copies of group 0 would be matched and trained alike forever)."""
+    torch.manual_seed(0)
+    cfg = {**TINY[arch], "num_classes": 5}
+    three = build_model(arch, {**cfg, "query_groups": 3}).eval()
+    three.class_names = list(NAMES)
+    one = build_model(arch, cfg).eval()
+    one.class_names = list(NAMES)
+    report = transfer(three, one)
+    assert report.loaded == report.total and report.query_groups == [3, 1]
+    assert "query groups 3 -> 1: group 0 kept" in report.summary()
+    x = random_images([(64, 96)])
+    with torch.no_grad():
+        a, b = three(x), one(x)
+    torch.testing.assert_close(b["pred_logits"], a["pred_logits"])
+    torch.testing.assert_close(b["pred_boxes"], a["pred_boxes"])
+
+    torch.manual_seed(5)
+    fresh = build_model(arch, {**cfg, "query_groups": 3})
+    torch.manual_seed(5)
+    again = build_model(arch, {**cfg, "query_groups": 3})
+    again.class_names = list(NAMES)
+    assert "1 copied, 2 new" in transfer(one, again).summary()
+    src, new, init = one.state_dict(), again.state_dict(), fresh.state_dict()
+    grouped = [k for k in src if src[k].shape != new[k].shape]
+    assert grouped                           # the method has per-group query parameters
+    for k in grouped:
+        n = len(src[k])
+        assert torch.equal(new[k][:n], src[k]) and torch.equal(new[k][n:], init[k][n:])

@@ -109,7 +109,9 @@ def bench_models_cmd(
 ):
     """Inference latency (paper configuration, random weights) of the eager model, the fast
     path and the fast path in bfloat16, and training step time eager vs bf16+channels_last,
-    with peak memory; ratios against eager measured in the same run."""
+    with peak memory; ratios against eager measured in the same run. --arch also takes
+    deformable-refine and deformable-two-stage."""
+    from ..models.registry import variant
     from ..tools.bench import bench_inference, bench_training, machine_description
 
     device = pick_device(device)
@@ -118,14 +120,20 @@ def bench_models_cmd(
     except ValueError:
         fail(f"--size must look like 800x1066, got {size!r}")
     names = arch or list(ARCHS)
-    for name in names:
-        if name not in ARCHS:
-            fail(f"unknown architecture {name!r}; choose from {', '.join(ARCHS)}")
+    try:
+        archs = {name: variant(name) for name in names}
+    except ValueError as e:
+        fail(str(e))
     infer, trains = [], []
-    for name in names:
-        infer += bench_inference(name, device, (h, w), batch, repeat, compile=compile)
+    for name, (a, overrides) in archs.items():
+        rows = bench_inference(a, device, (h, w), batch, repeat, compile=compile,
+                               overrides=overrides)
         if train:
-            trains += bench_training(name, device, repeat=repeat)
+            rows += bench_training(a, device, repeat=repeat, overrides=overrides)
+        for row in rows:
+            row["arch"] = name
+        infer += [r for r in rows if "max_rel_diff" in r]
+        trains += [r for r in rows if "max_rel_diff" not in r]
     machine = machine_description(device)
     if as_json:
         console.print_json(json.dumps({"machine": machine, "inference": infer,

@@ -11,9 +11,9 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from .. import cli
 from ..common.terminal import console
 from ..models.registry import ARCHS
+from . import clock
 from .common import WEIGHTS_HELP, Device, fail, pick_device
 
 
@@ -178,7 +178,7 @@ def train(
                      model_overrides=model_o, train_overrides=train_o,
                      backbone_weights=backbone_weights and str(backbone_weights),
                      weights=weights, freeze_backbone=freeze_backbone, split=split,
-                     val_split=val_split, started=cli.STARTED)
+                     val_split=val_split, started=clock.STARTED)
     except TrainingStopped as e:  # part-way: under torchrun perhaps on this rank alone
         fail(str(e), every_rank=True)
     except (DataError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:

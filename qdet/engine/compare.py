@@ -35,9 +35,10 @@ def load_run(path: str | os.PathLike) -> RunRecord:
     return RunRecord(path, config, rows)
 
 
-# options that differ between runs without being a choice (the plan a timed run made)
+# options that differ between runs without being a choice of training: the plan a timed run
+# made, how it logged, how many processes loaded its data
 _NOT_CHOICES = ("time.total_steps", "time.evals", "time.step_seconds", "time.eval_seconds",
-                "time.planned_steps", "time.warmup")
+                "time.planned_steps", "time.warmup", "tensorboard", "num_workers")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

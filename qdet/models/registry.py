@@ -30,6 +30,22 @@ ARCHS: dict[str, str] = {
 }
 
 
+# Named variants of a method (benchmarks take them where an architecture is asked for):
+# name -> (architecture, config overrides)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "deformable-refine": ("deformable", {"with_box_refine": True}),
+    "deformable-two-stage": ("deformable", {"with_box_refine": True, "two_stage": True}),
+}
+
+
+def variant(name: str) -> tuple[str, dict[str, Any]]:
+    """``(architecture, overrides)`` of an architecture or a named variant."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    method(name)    # an unknown name says which exist
+    return name, {}
+
+
 @dataclass(frozen=True)
 class Method:
     """One architecture: its config and model classes (the method file's ``SPEC``), its
@@ -52,7 +68,8 @@ class Method:
 
 def method(name: str) -> Method:
     if name not in ARCHS:
-        raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHS)}")
+        raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHS)}"
+                         + (f" (variants: {', '.join(VARIANTS)})" if VARIANTS else ""))
     from ..blocks.base import MethodSpec
 
     spec = importlib.import_module(ARCHS[name]).SPEC

@@ -72,6 +72,7 @@ class Transfer:
     new: list[str] = field(default_factory=list)            # dataset classes initialised
     not_loaded: dict[str, str] = field(default_factory=dict)  # source tensor -> why
     num_classes: int = 0
+    query_groups: list[int] = field(default_factory=list)   # [source, target] when they differ
 
     def summary(self) -> str:
         """One line: "loaded X of Y tensors; class rows: N of M copied by name (...), K new
@@ -83,6 +84,11 @@ class Transfer:
         line = (f"loaded {self.loaded} of {self.total} tensors; class rows: {len(self.copied)} "
                 f"of {self.num_classes} copied by name{names([c for c, _ in self.copied])}, "
                 f"{len(self.new)} new{names(self.new)}")
+        if self.query_groups:
+            ks, kt = self.query_groups
+            line += (f"; query groups {ks} -> {kt}: " + (
+                "group 0 kept (the one inference runs)" if kt == 1 else
+                f"{min(ks, kt)} copied, {max(kt - ks, 0)} new"))
         if self.not_loaded:
             line += f"; not loaded: {names(list(self.not_loaded))[2:-1]}"
         return line
@@ -102,13 +108,16 @@ def transfer(source: Detector, target: Detector, source_name: str = "weights") -
     head_keys = {f"{name}.{p}" for name in class_heads(target) for p in ("weight", "bias")}
     fits = {k: v for k, v in src.items()
             if k not in head_keys and k in tgt and tgt[k].shape == v.shape}
+    grouped = _grouped(source, target, src, tgt, set(fits) | head_keys)
     not_loaded = {}
     for k, v in src.items():
-        if k in head_keys or k in fits:
+        if k in head_keys or k in fits or k in grouped:
             continue
         not_loaded[k] = ("not in the fine-tuned model" if k not in tgt else
                          f"shape {tuple(v.shape)} vs {tuple(tgt[k].shape)}")
     target.load_state_dict(fits, strict=False)
+    for k, rows in grouped.items():       # the groups both have; the others as initialised
+        tgt[k][:rows].copy_(src[k][:rows])
 
     rows = match_classes(list(source.class_names), list(target.class_names))
     pairs = [(j, i) for j, i in enumerate(rows) if i is not None]
@@ -135,7 +144,33 @@ def transfer(source: Detector, target: Detector, source_name: str = "weights") -
                 loaded_heads += 1
             else:
                 not_loaded[key] = "no dataset class matches a source class by name"
-    return Transfer(source_name, len(fits) + loaded_heads, len(src),
+    groups = [_groups(source), _groups(target)]
+    return Transfer(source_name, len(fits) + len(grouped) + loaded_heads, len(src),
                     [[target.class_names[j], source.class_names[i]] for j, i in pairs],
                     [target.class_names[j] for j, i in enumerate(rows) if i is None],
-                    not_loaded, len(target.class_names))
+                    not_loaded, len(target.class_names),
+                    groups if groups[0] != groups[1] else [])
+
+
+def _groups(model: Detector) -> int:
+    return getattr(model.config, "query_groups", 1)
+
+
+def _grouped(source: Detector, target: Detector, src: dict, tgt: dict,
+             done: set) -> dict[str, int]:
+    """Query parameters of models with different numbers of query groups (Group DETR: each
+    group has its own rows, group g the g-th block): key -> the rows to copy, those of the
+    groups both models have. A model trained with K groups fine-tunes with one (group 0, the
+    one inference runs) or more (the new groups start as the method initialises them: copies
+    of group 0 would stay identical, matched and trained alike)."""
+    ks, kt = _groups(source), _groups(target)
+    out = {}
+    if ks == kt:
+        return out
+    for k, v in src.items():
+        t = tgt.get(k)
+        if k in done or t is None or v.dim() != t.dim() or v.shape[1:] != t.shape[1:]:
+            continue
+        if v.shape[0] % ks == 0 and t.shape[0] % kt == 0 and v.shape[0] // ks == t.shape[0] // kt:
+            out[k] = v.shape[0] // ks * min(ks, kt)
+    return out
