@@ -11,10 +11,19 @@
 # PHASE: off (every switch off), on (the presets), dino (the ablation), plots, or all.
 # A run that finished (its per_class.csv is written last) is kept; one cut short starts
 # again from scratch, since a resumed run's wall time would not be one sitting.
+#
+# Two environment variables split a race over the cores, for two runs side by side under
+# the same conditions (e.g. a method with and without its switches, each on its own core):
+#   CORES=0      pin every run to these cores (taskset), with as many threads
+#   ONLY="a b"   run only the runs of these names (detr-off, detr, dino-no-contrastive, ...)
+#   CORES=0 ONLY="detr-off conditional-off" scripts/race.sh 10 runs/race off &
+#   CORES=1 ONLY="detr conditional" scripts/race.sh 10 runs/race on &
+#   PREFIX=race   the names of the figures and tables written to docs/assets/
 set -euo pipefail
 MINUTES=${1:-10}
 ROOT=${2:-runs/race}
 PHASE=${3:-all}
+PREFIX=${PREFIX:-race}
 mkdir -p "$ROOT" docs/assets
 
 {   # the machine, for docs/benchmarks.md
@@ -23,16 +32,27 @@ mkdir -p "$ROOT" docs/assets
     grep -qw avx512_bf16 /proc/cpuinfo && echo "AVX-512 BF16: yes" || echo "AVX-512 BF16: no"
     python -c "import torch; print('torch', torch.__version__, 'threads',
                torch.get_num_threads(), 'cuda', torch.cuda.is_available())"
-} > "$ROOT/machine.txt"
+    [ -n "${CORES:-}" ] && echo "pinned to cores $CORES, $(taskset -c "$CORES" nproc) threads"
+} > "$ROOT/machine${CORES:+-cores-$CORES}.txt"
+
+PIN=()
+if [ -n "${CORES:-}" ]; then
+    PIN=(taskset -c "$CORES")
+    THREADS=$(taskset -c "$CORES" nproc)
+    export OMP_NUM_THREADS=$THREADS NUMBA_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+fi
 
 race() {  # NAME QDET-TRAIN-OPTIONS...
     local name=$1; shift
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+        return
+    fi
     if [ -f "$ROOT/$name/per_class.csv" ]; then
         echo "== $name: finished, kept"; return
     fi
     rm -rf "${ROOT:?}/$name"
     echo "== $name"
-    qdet train "$@" --time "$MINUTES" --out "$ROOT/$name"
+    "${PIN[@]}" qdet train "$@" --time "$MINUTES" --out "$ROOT/$name"
 }
 
 # name and options of each method's run (the preset's switches apply unless turned off)
@@ -76,8 +96,8 @@ plot() {  # OUT-PREFIX RUN-NAME...
 }
 OFFS=()
 for m in "${METHODS[@]}"; do [[ $m != dino ]] && OFFS+=("$m-off"); done
-plot race "${METHODS[@]}"
-plot race_off "${OFFS[@]}"
-plot dino_ablation dino dino-no-contrastive dino-no-mixed-selection dino-no-look-forward-twice
-cp "$ROOT/machine.txt" docs/assets/race_machine.txt
-cat docs/assets/race_table.md docs/assets/race_off_table.md docs/assets/race_machine.txt
+plot "$PREFIX" "${METHODS[@]}"
+plot "${PREFIX}_off" "${OFFS[@]}"
+plot "${PREFIX}_dino" dino dino-no-contrastive dino-no-mixed-selection dino-no-look-forward-twice
+for f in "$ROOT"/machine*.txt; do cp "$f" "docs/assets/${PREFIX}_$(basename "$f")"; done
+cat docs/assets/"${PREFIX}"_*table.md docs/assets/"${PREFIX}"_machine*.txt

@@ -54,6 +54,12 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
     return (_proc_kib("VmHWM") - base) / 1024
 
 
+def ratio(a: float, b: float) -> float:
+    """``a / b``, or NaN where the baseline measured nothing: a tiny case's peak memory can
+    stay below the resident set's page granularity, and a ratio to 0 says nothing."""
+    return a / b if b > 0 else float("nan")
+
+
 def time_it(fn: Callable[[], object], device: torch.device, repeat: int = 3,
             warmup: int = 1) -> float:
     """Median seconds of ``fn()`` after ``warmup`` calls. On a GPU each call is timed by
@@ -153,7 +159,8 @@ def bench_deform_attn(device: str = "cpu", repeat: int = 3, backends=None,
         ref = next(r for r in rows if r["shape"] == row["shape"] and r["backend"] == "torch")
         row["forward_speedup"] = ref["forward_s"] / row["forward_s"]
         row["forward_backward_speedup"] = ref["forward_backward_s"] / row["forward_backward_s"]
-        row["memory_ratio"] = row["forward_backward_peak_mib"] / ref["forward_backward_peak_mib"]
+        row["memory_ratio"] = ratio(row["forward_backward_peak_mib"],
+                                    ref["forward_backward_peak_mib"])
     return rows
 
 
@@ -226,7 +233,7 @@ def bench_rcda(device: str = "cpu", repeat: int = 3, size: tuple[int, int] = (50
         ref_row = next(r for r in rows
                        if r["layer"] == row["layer"] and r["attention"] == "standard")
         row["speedup"] = ref_row["seconds"] / row["seconds"]
-        row["memory_ratio"] = row["peak_mib"] / ref_row["peak_mib"]
+        row["memory_ratio"] = ratio(row["peak_mib"], ref_row["peak_mib"])
     return rows
 
 

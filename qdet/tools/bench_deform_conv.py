@@ -7,7 +7,7 @@ import ctypes
 
 import torch
 
-from .bench import bench_inference, bench_training, peak_memory_mib, time_it
+from .bench import bench_inference, bench_training, peak_memory_mib, ratio, time_it
 
 # Dynamic DETR's largest deformable convolution (P3, 3x3, d -> d): the built-in preset's
 # training step (16 images of 128 px, d 128) and the paper's model at 800x1066 (d 256)
@@ -116,8 +116,8 @@ def bench_deform_conv(device: str = "cpu", repeat: int = 3, shapes=None,
                    and r["backend"] == "torchvision")
         row["forward_speedup"] = ref["forward_s"] / row["forward_s"]
         row["forward_backward_speedup"] = ref["forward_backward_s"] / row["forward_backward_s"]
-        row["memory_ratio"] = (row["forward_backward_peak_mib"]
-                               / ref["forward_backward_peak_mib"])
+        row["memory_ratio"] = ratio(row["forward_backward_peak_mib"],
+                                    ref["forward_backward_peak_mib"])
     return rows
 
 
