@@ -17,7 +17,8 @@ from qdet.cli.app import app
 helps = [[], ["train"], ["eval"], ["predict"], ["match-debug"], ["archs"], ["data"],
          ["data", "shapes"], ["data", "check"], ["data", "convert"], ["bench"],
          ["bench", "models"], ["bench", "deform-attn"], ["bench", "matcher"], ["bench", "rcda"],
-         ["bench", "deform-conv"], ["bench", "data"], ["bench", "video"], ["bench", "gpu"]]
+         ["bench", "deform-conv"], ["bench", "data"], ["bench", "video"], ["bench", "gpu"],
+         ["bench", "switches"]]
 for args in helps:
     r = CliRunner().invoke(app, [*args, "--help"])
     assert r.exit_code == 0 and "Usage" in r.output, (args, r.output)
