@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The convergence race (docs/benchmarks.md): every method on the built-in data at one
-# wall-clock budget, twice: with its default preset (the training-only switches the preset
-# turns on: denoising queries, query groups, EMA) and with every switch off; then DINO with
-# each of its three parts off in turn (the paper's ablation); then the figures and tables
-# of docs/assets/.
+# wall-clock budget, twice: with the training-only switches (denoising queries, query
+# groups where the decoder is cheap, EMA) and with every switch off (as the presets are);
+# then DINO with each of its three parts off in turn (the paper's ablation); then the
+# figures and tables of docs/assets/.
 #
 # Run it on an otherwise idle machine (a wall-clock race is meaningless on shared cores),
 # one run at a time, from the repository root with qdet installed:
 #   scripts/race.sh [MINUTES] [ROOT] [PHASE]   # defaults: 10 minutes, runs/race, all
-# PHASE: off (every switch off), on (the presets), dino (the ablation), plots, or all.
+# PHASE: off (every switch off), on (the switches on), dino (the ablation), plots, or all.
 # A run that finished (its per_class.csv is written last) is kept; one cut short starts
 # again from scratch, since a resumed run's wall time would not be one sitting.
 #
@@ -26,21 +26,21 @@ PHASE=${3:-all}
 PREFIX=${PREFIX:-race}
 mkdir -p "$ROOT" docs/assets
 
-{   # the machine, for docs/benchmarks.md
-    date -u
-    lscpu | grep -E "Model name|^CPU\(s\)|Thread" || true
-    grep -qw avx512_bf16 /proc/cpuinfo && echo "AVX-512 BF16: yes" || echo "AVX-512 BF16: no"
-    python -c "import torch; print('torch', torch.__version__, 'threads',
-               torch.get_num_threads(), 'cuda', torch.cuda.is_available())"
-    [ -n "${CORES:-}" ] && echo "pinned to cores $CORES, $(taskset -c "$CORES" nproc) threads"
-} > "$ROOT/machine${CORES:+-cores-$CORES}.txt"
-
 PIN=()
 if [ -n "${CORES:-}" ]; then
     PIN=(taskset -c "$CORES")
     THREADS=$(taskset -c "$CORES" nproc)
     export OMP_NUM_THREADS=$THREADS NUMBA_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 fi
+
+{   # the machine, for docs/benchmarks.md
+    date -u
+    lscpu | grep -E "Model name|^CPU\(s\)|Thread" || true
+    grep -qw avx512_bf16 /proc/cpuinfo && echo "AVX-512 BF16: yes" || echo "AVX-512 BF16: no"
+    "${PIN[@]}" python -c "import torch; print('torch', torch.__version__, 'threads',
+               torch.get_num_threads(), 'cuda', torch.cuda.is_available())"
+    if [ -n "${CORES:-}" ]; then echo "pinned to cores $CORES, $THREADS threads"; fi
+} > "$ROOT/machine${CORES:+-cores-$CORES}.txt"
 
 race() {  # NAME QDET-TRAIN-OPTIONS...
     local name=$1; shift
@@ -65,6 +65,11 @@ declare -A OPTS=(
     [efficient]="--arch efficient" [sparse-rcnn]="--arch sparse-rcnn"
     [dynamic]="--arch dynamic" [dino]="--arch dino")
 OFF="--dn 0 --query-groups 1 --no-ema"
+# the switches: three query groups cost Sparse R-CNN and Dynamic DETR half a step more (their
+# RoI heads run per query), so those two take DN and the EMA only; DINO has its own denoising
+ON="--dn 5 --query-groups 3 --ema"
+declare -A SWITCHES=([sparse-rcnn]="--dn 5 --ema" [dynamic]="--dn 5 --ema"
+                     [dino]="--query-groups 3 --ema")
 
 if [[ $PHASE == off || $PHASE == all ]]; then
     for m in "${METHODS[@]}"; do
@@ -76,13 +81,16 @@ fi
 if [[ $PHASE == on || $PHASE == all ]]; then
     for m in "${METHODS[@]}"; do
         # shellcheck disable=SC2086
-        race "$m" ${OPTS[$m]}
+        race "$m" ${OPTS[$m]} ${SWITCHES[$m]:-$ON}
     done
 fi
 if [[ $PHASE == dino || $PHASE == all ]]; then
-    race dino-no-contrastive --arch dino --set dn.contrastive=false
-    race dino-no-mixed-selection --arch dino --set mixed_selection=false
-    race dino-no-look-forward-twice --arch dino --set look_forward_twice=false
+    # shellcheck disable=SC2086
+    race dino-no-contrastive --arch dino ${SWITCHES[dino]} --set dn.contrastive=false
+    # shellcheck disable=SC2086
+    race dino-no-mixed-selection --arch dino ${SWITCHES[dino]} --set mixed_selection=false
+    # shellcheck disable=SC2086
+    race dino-no-look-forward-twice --arch dino ${SWITCHES[dino]} --set look_forward_twice=false
 fi
 
 plot() {  # OUT-PREFIX RUN-NAME...

@@ -17,7 +17,8 @@ from qdet.engine.runs import fit
 
 from conftest import TINY, TINY_SHAPES
 
-MODEL = {k: v for k, v in TINY["detr"].items() if k != "num_classes"}   # 2 decoder layers
+# 2 decoder layers, and denoising queries, whose loss terms results.csv logs too
+MODEL = {**{k: v for k, v in TINY["detr"].items() if k != "num_classes"}, "dn.groups": 5}
 TRAIN = {"batch_size": 4, "num_workers": 0, "shapes.train_images": 8, "shapes.val_images": 4,
          "shapes.image_size": 64, "warmup_steps": 0}
 
@@ -65,7 +66,7 @@ def test_results_csv_has_every_term_of_every_layer(two_runs):
             "APl", "AR100"} <= set(head)
     assert [r["step"] for r in rows] == ["2", "4"] and [r["images"] for r in rows] == ["8", "16"]
     # the logged total is the weighted sum of the logged terms of both layers, the
-    # denoising queries' (the preset's --dn) included; loss_dn is their subtotal
+    # denoising queries' (--dn 5) included; loss_dn is their subtotal
     w = LossConfig()
     weight = {"ce": w.class_weight, "bbox": w.bbox_weight, "giou": w.giou_weight}
     terms = [k for k in head if k.startswith("loss_") and k != "loss_dn"]
@@ -170,9 +171,9 @@ def test_plot_overlays_runs(two_runs, tmp_path):
                                      "--metric", metric, "--out", str(out)])
         assert r.exit_code == 0, r.output
         assert_png(out)
-    # the label: the method with the preset's switches, then the option the runs differ in
-    # (not --tensorboard: a way of logging, not of training)
-    assert "DETR + DN 5 groups," in r.output
+    # the label: the method with its switches, then the option the runs differ in (not
+    # --tensorboard: a way of logging, not of training)
+    assert "DETR + DN 5 groups" in r.output
     assert "lr=0.0005" in r.output and "lr=0.0002" in r.output
     assert "tensorboard" not in r.output
     r = CliRunner().invoke(app, ["plot", str(root / "a"), "--markdown", "--out",

@@ -19,19 +19,17 @@ from ..data.transforms import AugmentConfig
 FROM_SCRATCH = dict(backbone="resnet18", frozen_bn=False, backbone_trainable=5)
 
 # The training part of every built-in-data preset (methods override a few keys): from
-# scratch in minutes on a CPU, so a short warmup, cosine decay, bf16 where native, the
-# weights' moving average. The data is drawn in the training process: on 2 cores two loader
-# workers took the cores from the step (0.937 s a step with them, 0.854 s without, for
-# Conditional DETR with --dn 5 --query-groups 3).
+# scratch in minutes on a CPU, so a short warmup, cosine decay, bf16 where native. The data
+# is drawn in the training process: on 2 cores two loader workers took the cores from the
+# step (0.937 s a step with them, 0.854 s without, for Conditional DETR with --dn 5
+# --query-groups 3).
+# The training-only switches (--dn, --query-groups, --ema) stay off here: in the race with
+# and without them (docs/benchmarks.md "The switches in the race": 10 minutes, one core of
+# an AMD EPYC without AVX-512 per run) none raised AP at the same wall-clock budget, and
+# they lowered it for Conditional DETR, Efficient DETR, Sparse R-CNN and Dynamic DETR.
 SHAPES_TRAIN = dict(lr=2e-4, lr_backbone=2e-4, weight_decay=1e-4, batch_size=16, epochs=8,
                     schedule="cosine", warmup_steps=100, clip_max_norm=0.1, precision="auto",
-                    channels_last=True, num_workers=0, **{"ema.enabled": True})
-
-# The training-only switches of the built-in-data presets (the race measures them against
-# all off, docs/benchmarks.md): denoising queries, and query groups where the decoder is
-# cheap (in Sparse R-CNN and Dynamic DETR three groups cost half a step more).
-ACCELERATE = {"dn.groups": 5, "query_groups": 3}
-ACCELERATE_ROI = {"dn.groups": 5}
+                    channels_last=True, num_workers=0)
 
 # The small transformer of the built-in-data presets: width 128, 3+3 layers, 20 queries.
 _SMALL = dict(d_model=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512)
@@ -50,8 +48,7 @@ class Preset:
 _DEFORMABLE_PAPER = dict(lr=2e-4, lr_backbone=2e-5, **_DEFORMABLE_SLOW, weight_decay=1e-4,
                          batch_size=2, epochs=50, lr_drops=(40,), clip_max_norm=0.1)
 _DEFORMABLE_SHAPES = Preset(
-    model=dict(**FROM_SCRATCH, num_feature_levels=3, **_SMALL, dropout=0.0, num_queries=20,
-               **ACCELERATE),
+    model=dict(**FROM_SCRATCH, num_feature_levels=3, **_SMALL, dropout=0.0, num_queries=20),
     train=dict(SHAPES_TRAIN, **_DEFORMABLE_SLOW))
 
 PRESETS: dict[str, dict[str, Preset]] = {
@@ -61,8 +58,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
                                    epochs=500, lr_drops=(400,), clip_max_norm=0.1)),
         # from scratch on the built-in data in ~10 CPU minutes (docs/training.md "Built-in presets")
         "shapes": Preset(
-            model=dict(**FROM_SCRATCH, backbone_layer=3, **_SMALL, dropout=0.0, num_queries=20,
-                       **ACCELERATE),
+            model=dict(**FROM_SCRATCH, backbone_layer=3, **_SMALL, dropout=0.0, num_queries=20),
             train=dict(SHAPES_TRAIN, epochs=10)),
     },
     "conditional": {
@@ -71,8 +67,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
         # The quickstart. Against the shared preset (lr 2e-4, 20 queries; AP50 0.862 at the
         # last epoch): 30 queries gave 0.875, lr 3e-4 0.886 (4e-4: 0.859), both 0.897.
         "shapes": Preset(
-            model=dict(**FROM_SCRATCH, backbone_layer=3, **_SMALL, dropout=0.0, num_queries=30,
-                       **ACCELERATE),
+            model=dict(**FROM_SCRATCH, backbone_layer=3, **_SMALL, dropout=0.0, num_queries=30),
             train=dict(SHAPES_TRAIN, epochs=10, lr=3e-4, lr_backbone=3e-4)),
     },
     "deformable": {"paper": Preset(train=_DEFORMABLE_PAPER), "shapes": _DEFORMABLE_SHAPES},
@@ -82,7 +77,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
                                    epochs=50, lr_drops=(40,), clip_max_norm=0.1)),
         "shapes": Preset(
             model=dict(**FROM_SCRATCH, backbone_layer=3, **_SMALL, num_anchors=10,
-                       num_patterns=2, **ACCELERATE),
+                       num_patterns=2),
             train=dict(SHAPES_TRAIN)),
     },
     "sparse-rcnn": {
@@ -92,7 +87,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
                                    clip_max_norm=1.0, warmup_steps=1000)),
         "shapes": Preset(
             model=dict(**FROM_SCRATCH, d_model=128, num_proposals=20, num_heads=3, nheads=8,
-                       dim_feedforward=512, dim_dynamic=32, **ACCELERATE_ROI),
+                       dim_feedforward=512, dim_dynamic=32),
             train=dict(SHAPES_TRAIN, clip_max_norm=1.0)),
     },
     "efficient": {
@@ -106,11 +101,11 @@ PRESETS: dict[str, dict[str, Preset]] = {
         # drop at 11, clip 0.1
         "paper": Preset(train=dict(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, batch_size=2,
                                    epochs=12, lr_drops=(11,), clip_max_norm=0.1)),
-        # Deformable DETR's small model; 20 denoising queries (5 groups of up to four boxes),
-        # not DINO's 100, which would run ten times the 20 matching queries
+        # Deformable DETR's small model; 20 contrastive denoising queries (5 groups of up to
+        # four boxes), not DINO's 100, which would run ten times the 20 matching queries
         "shapes": Preset(
             model=dict(**FROM_SCRATCH, num_feature_levels=3, **_SMALL, num_queries=20,
-                       **{"dn.queries": 20}, query_groups=3),
+                       **{"dn.queries": 20}),
             train=dict(SHAPES_TRAIN, **_DEFORMABLE_SLOW)),
     },
     "dynamic": {
@@ -123,8 +118,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
         # time (docs/training.md "Built-in presets").
         "shapes": Preset(
             model=dict(**FROM_SCRATCH, d_model=128, num_levels=3, enc_blocks=1, num_queries=20,
-                       dec_layers=3, nheads=8, dim_feedforward=512, dim_dynamic=32,
-                       **ACCELERATE_ROI),
+                       dec_layers=3, nheads=8, dim_feedforward=512, dim_dynamic=32),
             train=dict(SHAPES_TRAIN, clip_max_norm=1.0)),
     },
 }
